@@ -1,0 +1,1 @@
+"""Attention backends. Each module defines one backend and declares its capabilities."""

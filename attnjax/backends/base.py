@@ -1,0 +1,180 @@
+"""What every backend receives (a validated :class:`Problem`) and declares (:class:`Capabilities`).
+
+``attnjax.attention`` validates its arguments once, builds a Problem and hands it to a backend.
+A backend declares what it supports; :func:`unsupported` names the first feature of a problem it
+lacks so the dispatcher can raise ``NotImplementedError`` (explicit ``impl=``) or try the next
+backend (``impl="auto"``). No backend may drop a feature silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax import masks as masks_lib
+from attnjax import scores as scores_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+  """Features a backend supports. ``platforms`` lists jax platform names ('cpu', 'gpu', 'tpu')."""
+  name: str
+  platforms: frozenset = frozenset({"cpu", "gpu", "tpu"})
+  gqa: bool = True
+  dv_neq_d: bool = True
+  cross_attention: bool = True
+  masks: bool = True
+  per_head_masks: bool = True
+  segment_ids: bool = True
+  sinks: bool = True
+  score_mods: bool = True
+  bias: bool = True
+  lse: bool = True
+  backward: bool = True
+  explicit_positions: bool = True
+  dtypes: frozenset = frozenset({"float32", "bfloat16", "float16", "float64"})
+
+
+@dataclasses.dataclass
+class Problem:
+  """A validated attention call. Arrays keep the user's layout ``[B, T, H, D]``."""
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  mask: masks_lib.Mask
+  score_mod: scores_lib.ScoreMod | None  # bias (if any) is folded in as the first link
+  sinks: jax.Array | None                # [Hq]
+  q_segment_ids: jax.Array | None        # [B, Tq] int32
+  kv_segment_ids: jax.Array | None       # [B, Tk] int32
+  q_positions: Any                       # None, or int [Tq] / [B, Tq] (numpy if static)
+  kv_positions: Any
+  scale: float
+  return_lse: bool
+  has_bias: bool = False
+
+  @property
+  def batch(self):
+    return self.q.shape[0]
+
+  @property
+  def q_len(self):
+    return self.q.shape[1]
+
+  @property
+  def kv_len(self):
+    return self.k.shape[1]
+
+  @property
+  def num_q_heads(self):
+    return self.q.shape[2]
+
+  @property
+  def num_kv_heads(self):
+    return self.k.shape[2]
+
+  @property
+  def default_positions(self) -> bool:
+    return self.q_positions is None and self.kv_positions is None
+
+  def positions(self, xp=jnp):
+    """Query and key positions as ``[Bp, T]`` int32 arrays (``Bp`` is 1 or the batch)."""
+    q = self.q_positions
+    if q is None:
+      q = np.arange(self.q_len) + (self.kv_len - self.q_len)
+    kv = self.kv_positions
+    if kv is None:
+      kv = np.arange(self.kv_len)
+    q = xp.asarray(q).astype(xp.int32)
+    kv = xp.asarray(kv).astype(xp.int32)
+    return (q[None] if q.ndim == 1 else q), (kv[None] if kv.ndim == 1 else kv)
+
+
+def feature_list(p: Problem) -> list[tuple[str, bool]]:
+  """(capability field, whether the problem needs it)."""
+  return [
+      ("gqa", p.num_q_heads != p.num_kv_heads),
+      ("dv_neq_d", p.v.shape[-1] != p.q.shape[-1]),
+      ("cross_attention", p.q_len != p.kv_len),
+      ("masks", not isinstance(p.mask, masks_lib.Full)),
+      ("per_head_masks", p.mask.per_head),
+      ("segment_ids", p.q_segment_ids is not None),
+      ("sinks", p.sinks is not None),
+      ("score_mods", p.score_mod is not None and not (p.has_bias and _only_bias(p))),
+      ("bias", p.has_bias),
+      ("lse", p.return_lse),
+      ("explicit_positions", not p.default_positions),
+  ]
+
+
+def _only_bias(p: Problem) -> bool:
+  return p.score_mod is not None and p.score_mod.name == "bias"
+
+
+_FEATURE_NAMES = {
+    "gqa": "grouped-query attention (Hq != Hkv)",
+    "dv_neq_d": "value head_dim different from query head_dim",
+    "cross_attention": "Tq != Tk",
+    "masks": "masks",
+    "per_head_masks": "per-head masks",
+    "segment_ids": "segment_ids",
+    "sinks": "sinks",
+    "score_mods": "score_mod",
+    "bias": "bias",
+    "lse": "return_lse",
+    "explicit_positions": "q_positions/kv_positions",
+}
+
+
+def unsupported(caps: Capabilities, p: Problem, platform: str | None = None) -> str | None:
+  """The first feature of ``p`` that ``caps`` lacks, in words, or None."""
+  if platform is not None and platform not in caps.platforms:
+    return f"platform {platform!r} (supports {sorted(caps.platforms)})"
+  for field, needed in feature_list(p):
+    if needed and not getattr(caps, field):
+      return _FEATURE_NAMES[field]
+  dt = jnp.dtype(p.q.dtype).name
+  if dt not in caps.dtypes:
+    return f"dtype {dt} (supports {sorted(caps.dtypes)})"
+  return None
+
+
+class Backend:
+  """A backend: ``capabilities`` plus ``__call__(problem) -> out or (out, lse)``."""
+  capabilities: Capabilities
+
+  @property
+  def name(self) -> str:
+    return self.capabilities.name
+
+  def __call__(self, problem: Problem):  # pragma: no cover - abstract
+    raise NotImplementedError
+
+  def __repr__(self):
+    return f"{type(self).__name__}()"
+
+
+# -------------------------------------------------------------------------------------------
+# Helpers shared by the dense backends
+# -------------------------------------------------------------------------------------------
+
+def visibility(p: Problem, q_pos, kv_pos, heads, xp=jnp):
+  """Boolean visibility ``[B|1, H|1, Tq, Tk]`` from mask and segment ids (positions given as
+  ``[Bp, T]``, ``heads`` as an int array of global query-head ids)."""
+  qi = q_pos[:, None, :, None]
+  kj = kv_pos[:, None, None, :]
+  h = xp.asarray(heads)[None, :, None, None]
+  vis = p.mask.mask_mod(qi, kj, h if p.mask.per_head else None)
+  if p.q_segment_ids is not None:
+    vis = vis & (p.q_segment_ids[:, None, :, None] == p.kv_segment_ids[:, None, None, :])
+  return vis
+
+
+def index_grids(p: Problem, q_pos, kv_pos, heads):
+  """Broadcastable index arrays for score mods: batch, head, q_idx, kv_idx."""
+  b = jnp.arange(p.batch, dtype=jnp.int32)[:, None, None, None]
+  h = jnp.asarray(heads, jnp.int32)[None, :, None, None]
+  return b, h, q_pos[:, None, :, None], kv_pos[:, None, None, :]

@@ -1,0 +1,416 @@
+"""Blockwise online-softmax attention (FlashAttention's algorithm) in pure JAX.
+
+Work is organized as a list of (query block, key block) pairs taken from the mask's static block
+map: EMPTY blocks are never visited, FULL blocks skip mask evaluation, PARTIAL blocks evaluate
+``mask_mod`` on the tile's index grid. Each pair list runs as one ``lax.scan`` whose carry holds
+the running max, denominator and output accumulator of every query block (float32), so memory is
+``O(T * D)`` and time is proportional to the number of non-empty blocks. Segment ids add a run-time
+skip: a pair whose query and key segment-id ranges are disjoint for the whole batch costs a
+branch, not a tile.
+
+The backward pass is a custom VJP that recomputes each visited tile from the saved LSE (no
+``[Tq, Tk]`` residual) and accumulates dQ, dK, dV, sink and score-mod parameter gradients.
+Per-head masks are served by grouping heads whose block maps agree and running each group with
+its own pair list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax import masks as masks_lib
+from attnjax.backends import base
+
+f32 = jnp.float32
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Config:
+  """Static description of one head group's computation."""
+  B: int
+  Hk: int
+  G: int
+  bq: int
+  bk: int
+  nq: int
+  nk: int
+  kv_len: int
+  scale: float
+  mask: masks_lib.Mask
+  heads: np.ndarray | None      # global query-head ids [Hk*G] for a subset group, else None
+  head_ids: np.ndarray          # [Hk*G] global ids of the tile's heads (score-mod order)
+  full_pairs: np.ndarray        # [n, 2] int32
+  partial_pairs: np.ndarray     # [n, 2] int32
+  mod: Any                      # bound ScoreMod or None
+  has_seg: bool
+  has_sinks: bool
+
+
+def _tile_logits(cfg: _Config, qt, kt):
+  """Scaled logits of one tile as ``[B, Hs, bq, bk]`` float32."""
+  s = jnp.einsum("bhgqd,bhkd->bhgqk", qt, kt, preferred_element_type=f32)
+  return (s * cfg.scale).reshape(cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk)
+
+
+def _tile_index(cfg: _Config, i, j, qpos, kvpos):
+  qi = qpos[i][:, None, :, None]      # [Bp, 1, bq, 1]
+  kj = kvpos[j][:, None, None, :]     # [Bp, 1, 1, bk]
+  b = jnp.arange(cfg.B, dtype=jnp.int32)[:, None, None, None]
+  h = jnp.asarray(cfg.head_ids, jnp.int32)[None, :, None, None]
+  return b, h, qi, kj
+
+
+def _tile_visibility(cfg: _Config, i, j, qi, kj, h, qseg, kvseg, masked: bool):
+  vis = None
+  if masked:
+    vis = cfg.mask.mask_mod(qi, kj, h if cfg.mask.per_head else None)
+    kv_valid = (j * cfg.bk + jnp.arange(cfg.bk)) < cfg.kv_len
+    vis = vis & kv_valid[None, None, None, :]
+  if cfg.has_seg:
+    same = qseg[i][:, None, :, None] == kvseg[j][:, None, None, :]
+    vis = same if vis is None else vis & same
+  if vis is None:
+    return None
+  return jnp.broadcast_to(vis, (cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk))
+
+
+def _seg_skip_table(cfg: _Config, qseg, kvseg):
+  """[nq, nk] bool: True where no batch element has overlapping segment-id ranges."""
+  qmin, qmax = qseg.min(axis=-1).T, qseg.max(axis=-1).T      # [B, nq]
+  kmin, kmax = kvseg.min(axis=-1).T, kvseg.max(axis=-1).T    # [B, nk]
+  disjoint = (qmax[:, :, None] < kmin[:, None, :]) | (kmax[:, None, :] < qmin[:, :, None])
+  return jnp.all(disjoint, axis=0)
+
+
+def _blocks_q(x, cfg: _Config):
+  """[B, Hk, G, Tqp, X] -> [nq, B, Hk, G, bq, X]."""
+  B, Hk, G, _, X = x.shape
+  return x.reshape(B, Hk, G, cfg.nq, cfg.bq, X).transpose(3, 0, 1, 2, 4, 5)
+
+
+def _unblocks_q(x, cfg: _Config):
+  nq, B, Hk, G, bq = x.shape[:5]
+  rest = x.shape[5:]
+  perm = (1, 2, 3, 0, 4) + tuple(range(5, x.ndim))
+  return x.transpose(perm).reshape((B, Hk, G, nq * bq) + rest)
+
+
+def _blocks_kv(x, cfg: _Config):
+  """[B, Hk, Tkp, X] -> [nk, B, Hk, bk, X]."""
+  B, Hk, _, X = x.shape
+  return x.reshape(B, Hk, cfg.nk, cfg.bk, X).transpose(2, 0, 1, 3, 4)
+
+
+def _unblocks_kv(x, cfg: _Config):
+  nk, B, Hk, bk, X = x.shape
+  return x.transpose(1, 2, 0, 3, 4).reshape(B, Hk, nk * bk, X)
+
+
+def _pair_lists(cfg: _Config):
+  lists = []
+  if len(cfg.full_pairs):
+    lists.append((cfg.full_pairs, False))
+  if len(cfg.partial_pairs):
+    lists.append((cfg.partial_pairs, True))
+  return lists
+
+
+# ------------------------------------------------------------------------------------ forward
+def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
+  qb, kb, vb = _blocks_q(q, cfg), _blocks_kv(k, cfg), _blocks_kv(v, cfg)
+  shape = (cfg.nq, cfg.B, cfg.Hk, cfg.G, cfg.bq)
+  m0 = jnp.full(shape, -jnp.inf, f32)
+  l0 = jnp.zeros(shape, f32)
+  a0 = jnp.zeros(shape + (v.shape[-1],), f32)
+  skip_tbl = _seg_skip_table(cfg, qseg, kvseg) if cfg.has_seg else None
+  tile_shape = (cfg.B, cfg.Hk, cfg.G, cfg.bq, cfg.bk)
+
+  def make_step(masked):
+    def step(carry, pair):
+      m, l, acc = carry
+      i, j = pair[0], pair[1]
+
+      def compute():
+        b, h, qi, kj = _tile_index(cfg, i, j, qpos, kvpos)
+        s = _tile_logits(cfg, qb[i], kb[j])
+        if cfg.mod is not None:
+          ptile = cfg.mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
+          s = cfg.mod.fn(ptile, s, b, h, qi, kj)
+        vis = _tile_visibility(cfg, i, j, qi, kj, h, qseg, kvseg, masked)
+        if vis is not None:
+          s = jnp.where(vis, s, -jnp.inf)
+        s = s.reshape(tile_shape)
+        m_old, l_old, a_old = m[i], l[i], acc[i]
+        m_new = jnp.maximum(m_old, s.max(axis=-1))
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.exp(m_old - m_safe)
+        p = jnp.exp(s - m_safe[..., None])
+        l_new = alpha * l_old + p.sum(axis=-1)
+        pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vb[j],
+                        preferred_element_type=f32)
+        return m_new, l_new, alpha[..., None] * a_old + pv
+
+      if skip_tbl is not None:
+        m_t, l_t, a_t = jax.lax.cond(skip_tbl[i, j], lambda: (m[i], l[i], acc[i]), compute)
+      else:
+        m_t, l_t, a_t = compute()
+      return (m.at[i].set(m_t), l.at[i].set(l_t), acc.at[i].set(a_t)), None
+    return step
+
+  carry = (m0, l0, a0)
+  for pairs, masked in _pair_lists(cfg):
+    carry, _ = jax.lax.scan(make_step(masked), carry, jnp.asarray(pairs, jnp.int32))
+  m, l, acc = carry
+  has = l > 0
+  safe_l = jnp.where(has, l, 1.0)
+  lse = jnp.where(has, m + jnp.log(safe_l), -jnp.inf)
+  if cfg.has_sinks:
+    sink = sinks.astype(f32)[cfg.head_ids].reshape(1, 1, cfg.Hk, cfg.G, 1)
+    lse_tot = jnp.logaddexp(lse, sink)
+    out = acc * jnp.where(has, jnp.exp(m - lse_tot), 0.0)[..., None]
+  else:
+    lse_tot = lse
+    out = acc / safe_l[..., None]
+  return out, lse_tot  # blocked: [nq, B, Hk, G, bq, Dv], [nq, B, Hk, G, bq]
+
+
+# ----------------------------------------------------------------------------------- backward
+def _backward(cfg: _Config, res, g_out, g_lse):
+  q, k, v, sinks, params, qseg, kvseg, qpos, kvpos, out_b, lse_b = res
+  qb, kb, vb = _blocks_q(q, cfg), _blocks_kv(k, cfg), _blocks_kv(v, cfg)
+  dob = _blocks_q(g_out, cfg)
+  # dL/ds_ij = p_ij * (dp_ij - delta_i); an LSE cotangent adds p_ij * g_lse_i.
+  delta = jnp.sum(dob.astype(f32) * out_b, axis=-1)          # [nq, B, Hk, G, bq]
+  delta = delta - _blocks_q(g_lse.astype(f32)[..., None], cfg)[..., 0]
+  lse_safe = jnp.where(jnp.isfinite(lse_b), lse_b, jnp.inf)  # rows that saw nothing: p = 0
+  skip_tbl = _seg_skip_table(cfg, qseg, kvseg) if cfg.has_seg else None
+  tile_shape = (cfg.B, cfg.Hk, cfg.G, cfg.bq, cfg.bk)
+  flat_shape = (cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk)
+  mod = cfg.mod
+  padded_params = params
+  dparams0 = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), padded_params)
+
+  def make_step(masked):
+    def step(carry, pair):
+      dq, dk, dv, dparams = carry
+      i, j = pair[0], pair[1]
+
+      def compute():
+        b, h, qi, kj = _tile_index(cfg, i, j, qpos, kvpos)
+        s = _tile_logits(cfg, qb[i], kb[j])
+        mod_vjp = None
+        if mod is not None:
+          ptile = mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
+          s, mod_vjp = jax.vjp(lambda s_, p_: mod.fn(p_, s_, b, h, qi, kj), s, ptile)
+        vis = _tile_visibility(cfg, i, j, qi, kj, h, qseg, kvseg, masked)
+        p = jnp.exp(s.reshape(tile_shape) - lse_safe[i][..., None])
+        if vis is not None:
+          p = jnp.where(vis.reshape(tile_shape), p, 0.0)
+        do = dob[i]
+        dv_t = jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do.dtype), do,
+                          preferred_element_type=f32)
+        dp = jnp.einsum("bhgqd,bhkd->bhgqk", do, vb[j], preferred_element_type=f32)
+        ds = p * (dp - delta[i][..., None])
+        dpt = None
+        if mod_vjp is not None:
+          ds_flat, dpt = mod_vjp(ds.reshape(flat_shape))
+          ds = ds_flat.reshape(tile_shape)
+        ds = ds * cfg.scale
+        dq_t = jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k.dtype), kb[j],
+                          preferred_element_type=f32)
+        dk_t = jnp.einsum("bhgqk,bhgqd->bhkd", ds.astype(q.dtype), qb[i],
+                          preferred_element_type=f32)
+        return dq_t, dk_t, dv_t, dpt
+
+      def nothing():
+        zeros_pt = None
+        if mod is not None:
+          ptile = mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
+          zeros_pt = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), ptile)
+        return (jnp.zeros(dq.shape[1:], f32), jnp.zeros(dk.shape[1:], f32),
+                jnp.zeros(dv.shape[1:], f32), zeros_pt)
+
+      if skip_tbl is not None:
+        dq_t, dk_t, dv_t, dpt = jax.lax.cond(skip_tbl[i, j], nothing, compute)
+      else:
+        dq_t, dk_t, dv_t, dpt = compute()
+      dq = dq.at[i].add(dq_t)
+      dk = dk.at[j].add(dk_t)
+      dv = dv.at[j].add(dv_t)
+      if dpt is not None:
+        dpt = jax.tree.map(lambda x: x.astype(f32), dpt)
+        dparams = mod.untile_add(dparams, dpt, i * cfg.bq, j * cfg.bk, cfg.heads)
+      return (dq, dk, dv, dparams), None
+    return step
+
+  carry = (jnp.zeros(qb.shape, f32), jnp.zeros(kb.shape, f32),
+           jnp.zeros(vb.shape, f32), dparams0)
+  for pairs, masked in _pair_lists(cfg):
+    carry, _ = jax.lax.scan(make_step(masked), carry, jnp.asarray(pairs, jnp.int32))
+  dq, dk, dv, dparams = carry
+  dq = _unblocks_q(dq, cfg).astype(q.dtype)
+  dk = _unblocks_kv(dk, cfg).astype(k.dtype)
+  dv = _unblocks_kv(dv, cfg).astype(v.dtype)
+  dsinks = None
+  if cfg.has_sinks:
+    sink = sinks.astype(f32)[cfg.head_ids].reshape(1, 1, cfg.Hk, cfg.G, 1)
+    p_sink = jnp.exp(sink - lse_safe)                        # [nq, B, Hk, G, bq]
+    per_head = -jnp.sum(p_sink * delta, axis=(0, 1, 4)).reshape(-1)  # [Hk*G]
+    dsinks = jnp.zeros(sinks.shape, f32).at[cfg.head_ids].add(per_head).astype(sinks.dtype)
+  dparams = jax.tree.map(lambda d, p: d.astype(p.dtype), dparams, params)
+  return dq, dk, dv, dsinks, dparams, None, None, None, None
+
+
+def _make_core(cfg: _Config):
+  @jax.custom_vjp
+  def core(q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
+    out_b, lse_b = _forward(cfg, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos)
+    return _unblocks_q(out_b, cfg), _unblocks_q(lse_b[..., None], cfg)[..., 0]
+
+  def fwd(q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
+    out_b, lse_b = _forward(cfg, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos)
+    res = (q, k, v, sinks, params, qseg, kvseg, qpos, kvpos, out_b, lse_b)
+    return (_unblocks_q(out_b, cfg), _unblocks_q(lse_b[..., None], cfg)[..., 0]), res
+
+  def bwd(res, cts):
+    g_out, g_lse = cts
+    return _backward(cfg, res, g_out.astype(res[2].dtype), g_lse)
+
+  core.defvjp(fwd, bwd)
+  return core
+
+
+# ------------------------------------------------------------------------------------ backend
+def _pad_axis(x, axis, size, mode="constant"):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, mode=mode)
+
+
+def _group_heads(bm: np.ndarray):
+  """Group query heads whose block maps are identical: [(head ids, block map)]."""
+  groups: dict[bytes, list[int]] = {}
+  for h in range(bm.shape[0]):
+    groups.setdefault(bm[h].tobytes(), []).append(h)
+  return [(np.asarray(hs), bm[hs[0]]) for hs in groups.values()]
+
+
+class ChunkedBackend(base.Backend):
+  """Blockwise attention with static block skipping. ``block_q``/``block_kv`` set the tile."""
+  capabilities = base.Capabilities(name="chunked")
+
+  def __init__(self, block_q: int = 256, block_kv: int = 256):
+    for name, val in (("block_q", block_q), ("block_kv", block_kv)):
+      if not isinstance(val, int) or val < 1:
+        raise ValueError(f"{name} must be a positive int, got {val!r}")
+    self.block_q, self.block_kv = block_q, block_kv
+
+  def __repr__(self):
+    return f"ChunkedBackend(block_q={self.block_q}, block_kv={self.block_kv})"
+
+  def block_sizes(self, q_len, kv_len):
+    return (min(self.block_q, _round_up(q_len, 8)), min(self.block_kv, _round_up(kv_len, 8)))
+
+  def plan(self, p: base.Problem):
+    """The static block map ``[H|1, nq, nk]`` this backend will use for ``p``."""
+    bq, bk = self.block_sizes(p.q_len, p.kv_len)
+    nh = p.num_q_heads if p.mask.per_head else None
+    if p.default_positions:
+      bm = p.mask.block_map(p.q_len, p.kv_len, bq, bk, num_heads=nh)
+    elif _is_static(p.q_positions) and _is_static(p.kv_positions):
+      qp, kp = (np.asarray(x) for x in (p.q_positions, p.kv_positions))
+      if qp.ndim != 1 or kp.ndim != 1:
+        bm = None
+      else:
+        bm = masks_lib.block_map_from_positions(p.mask, qp, kp, bq, bk, nh)
+    else:
+      bm = None
+    if bm is None:  # traced or per-example positions: no static skipping, every tile masked
+      nq, nk = -(-p.q_len // bq), -(-p.kv_len // bk)
+      bm = np.full((nh or 1, nq, nk), masks_lib.PARTIAL, np.int8)
+    if bm.ndim == 2:
+      bm = bm[None]
+    return bm, bq, bk
+
+  def __call__(self, p: base.Problem):
+    B, Tq, Hq, D = p.q.shape
+    Tk, Hkv, Dv = p.k.shape[1], p.k.shape[2], p.v.shape[-1]
+    G = Hq // Hkv
+    bm, bq, bk = self.plan(p)
+    nq, nk = bm.shape[1], bm.shape[2]
+    Tqp, Tkp = nq * bq, nk * bk
+
+    q = _pad_axis(p.q, 1, Tqp)
+    k = _pad_axis(p.k, 1, Tkp)
+    v = _pad_axis(p.v, 1, Tkp)
+    q_pos, kv_pos = p.positions()
+    q_pos = _pad_axis(q_pos, 1, Tqp, mode="edge").reshape(q_pos.shape[0], nq, bq).transpose(1, 0, 2)
+    kv_pos = _pad_axis(kv_pos, 1, Tkp, mode="edge").reshape(kv_pos.shape[0], nk, bk)
+    kv_pos = kv_pos.transpose(1, 0, 2)
+    has_seg = p.q_segment_ids is not None
+    if has_seg:
+      qseg = _pad_axis(p.q_segment_ids, 1, Tqp, mode="edge").reshape(B, nq, bq).transpose(1, 0, 2)
+      kvseg = _pad_axis(p.kv_segment_ids, 1, Tkp, mode="edge").reshape(B, nk, bk)
+      kvseg = kvseg.transpose(1, 0, 2)
+    else:
+      qseg = kvseg = jnp.zeros((1,), jnp.int32)
+    sinks = p.sinks if p.sinks is not None else jnp.zeros((Hq,), f32)
+
+    if bm.shape[0] == 1:
+      groups = [(None, bm[0])]
+    else:
+      groups = _group_heads(bm)
+      if len(groups) == 1:
+        groups = [(None, groups[0][1])]
+
+    outs, lses, order = [], [], []
+    for heads, gbm in groups:
+      if heads is None:
+        qg = q.reshape(B, Tqp, Hkv, G, D).transpose(0, 2, 3, 1, 4)
+        kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        hk, gg, head_ids = Hkv, G, np.arange(Hq)
+      else:
+        qg = jnp.take(q, heads, axis=2).transpose(0, 2, 1, 3)[:, :, None]
+        kg = jnp.take(k, heads // G, axis=2).transpose(0, 2, 1, 3)
+        vg = jnp.take(v, heads // G, axis=2).transpose(0, 2, 1, 3)
+        hk, gg, head_ids = len(heads), 1, heads
+      mod = None
+      if p.score_mod is not None:
+        mod = p.score_mod.bind((B, hk * gg, bq, bk), (B, 1, 1, 1), (1, hk * gg, 1, 1),
+                               (q_pos.shape[1], 1, bq, 1), (kv_pos.shape[1], 1, 1, bk))
+      gparams = mod.pad_params(Tqp, Tkp) if mod is not None else ()
+      cfg = _Config(
+          B=B, Hk=hk, G=gg, bq=bq, bk=bk, nq=nq, nk=nk, kv_len=Tk, scale=float(p.scale),
+          mask=p.mask, heads=heads, head_ids=np.asarray(head_ids),
+          full_pairs=np.argwhere(gbm == masks_lib.FULL).astype(np.int32),
+          partial_pairs=np.argwhere(gbm == masks_lib.PARTIAL).astype(np.int32),
+          mod=mod, has_seg=has_seg, has_sinks=p.sinks is not None)
+      o, lse = _make_core(cfg)(qg, kg, vg, sinks, gparams, qseg, kvseg, q_pos, kv_pos)
+      outs.append(o.reshape(B, hk * gg, Tqp, Dv))
+      lses.append(lse.reshape(B, hk * gg, Tqp))
+      order.append(np.asarray(head_ids))
+    out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+    lse = jnp.concatenate(lses, axis=1) if len(lses) > 1 else lses[0]
+    if len(outs) > 1:
+      inv = np.argsort(np.concatenate(order))
+      out, lse = jnp.take(out, inv, axis=1), jnp.take(lse, inv, axis=1)
+    out = out[:, :, :Tq].transpose(0, 2, 1, 3).astype(p.q.dtype)
+    if p.return_lse:
+      return out, lse[:, :, :Tq].transpose(0, 2, 1)
+    return out
+
+
+def _is_static(x):
+  return x is None or isinstance(x, (np.ndarray, list, tuple, range))

@@ -1,0 +1,372 @@
+"""Score modifications: functions of the attention logits applied before the softmax.
+
+A :class:`ScoreMod` is ``fn(params, score, batch, head, q_idx, kv_idx) -> score`` plus its
+differentiable ``params`` (a tuple of arrays). It is a pytree whose leaves are the params, so
+gradients flow into slopes, bias tables and low-rank factors through every backend.
+
+Backends call a score mod on one tile of logits at a time:
+
+* ``score``: float32 ``[B, Hs, bq, bk]`` — already scaled (``scale * q.k``) and with ``bias``
+  added; ``Hs`` is the number of query heads in the tile (all heads, or a subset);
+* ``batch``: int ``[B, 1, 1, 1]``; ``head``: int ``[1, Hs, 1, 1]`` global query-head indices;
+* ``q_idx``: int ``[1, 1, bq, 1]`` and ``kv_idx``: int ``[1, 1, 1, bk]`` *positions* (the same
+  positions masks see: bottom-right aligned by default);
+* ``params``: each param is cut to the tile first, along the axes its :class:`Tiling` names —
+  a row-aligned factor ``u[B, Tq, H, R]`` arrives as ``[B, bq, Hs, R]``. Params without tiling
+  arrive whole.
+
+Row-aligned params (``bias``, ``low_rank_bias``) index query *rows* ``0..Tq-1`` and key rows
+``0..Tk-1`` of this call, not positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Which axes of a param follow the query rows, key rows and query heads (None = not tiled)."""
+  q_axis: int | None = None
+  kv_axis: int | None = None
+  head_axis: int | None = None
+
+
+GLOBAL = Tiling()
+
+
+def _is_tiling(x):
+  return isinstance(x, Tiling)
+
+
+@jax.tree_util.register_pytree_node_class
+class ScoreMod:
+  """A score modification with differentiable parameters (see the module docstring)."""
+
+  def __init__(self, fn: Callable, params=(), tiling=None, name: str = "score_mod",
+               raw_fn: Callable | None = None):
+    self.fn = fn
+    self.params = params
+    self.tiling = tiling if tiling is not None else jax.tree.map(lambda _: GLOBAL, params)
+    self.name = name
+    self.raw_fn = raw_fn  # user function awaiting closure conversion (from_function)
+
+  def tree_flatten(self):
+    return (self.params,), (self.fn, self.tiling, self.name, self.raw_fn)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    fn, tiling, name, raw_fn = aux
+    obj = object.__new__(cls)
+    obj.fn, obj.tiling, obj.name, obj.raw_fn = fn, tiling, name, raw_fn
+    obj.params = children[0]
+    return obj
+
+  def __repr__(self):
+    return f"ScoreMod({self.name})"
+
+  def __call__(self, score, batch, head, q_idx, kv_idx, params=None):
+    return self.fn(self.params if params is None else params, score, batch, head, q_idx, kv_idx)
+
+  # -------------------------------------------------------------------------- backend helpers
+  def bind(self, score_shape, batch_shape, head_shape, q_shape, kv_shape,
+           dtype=jnp.float32) -> "ScoreMod":
+    """Closure-convert a user function for one tile's argument shapes, hoisting captured
+    arrays into params so custom VJPs can return their gradients. Built-in mods return
+    themselves."""
+    if self.raw_fn is None:
+      return self
+    ex = (jnp.zeros(score_shape, dtype), jnp.zeros(batch_shape, jnp.int32),
+          jnp.zeros(head_shape, jnp.int32), jnp.zeros(q_shape, jnp.int32),
+          jnp.zeros(kv_shape, jnp.int32))
+    user = self.raw_fn
+    converted, consts = jax.closure_convert(lambda s, bb, h, q, k: user(s, bb, h, q, k), *ex)
+
+    def fn(params, s, bb, h, q, k):
+      out = converted(s, bb.astype(jnp.int32), h.astype(jnp.int32), q.astype(jnp.int32),
+                      k.astype(jnp.int32), *params)
+      return jnp.asarray(out).astype(s.dtype)
+
+    return ScoreMod(fn, tuple(consts), None, self.name)
+
+  def pad_params(self, q_len_padded: int, kv_len_padded: int):
+    """Params with their q/kv axes zero-padded to the padded problem size."""
+    def pad(t: Tiling, p):
+      widths = [(0, 0)] * p.ndim
+      if t.q_axis is not None and p.shape[t.q_axis] > 1:
+        widths[t.q_axis] = (0, q_len_padded - p.shape[t.q_axis])
+      if t.kv_axis is not None and p.shape[t.kv_axis] > 1:
+        widths[t.kv_axis] = (0, kv_len_padded - p.shape[t.kv_axis])
+      return jnp.pad(p, widths) if any(w != (0, 0) for w in widths) else p
+    return jax.tree.map(pad, self.tiling, self.params, is_leaf=_is_tiling)
+
+  def tile_params(self, params, q_start, bq: int, kv_start, bk: int, heads=None):
+    """Cut each param to one tile: ``[q_start, q_start + bq)`` along its q axis, likewise for
+    kv, and gather ``heads`` (static index array) along its head axis."""
+    def cut(t: Tiling, p):
+      if t.head_axis is not None and heads is not None and p.shape[t.head_axis] > 1:
+        p = jnp.take(p, np.asarray(heads), axis=t.head_axis)
+      if t.q_axis is not None and p.shape[t.q_axis] > 1:
+        p = jax.lax.dynamic_slice_in_dim(p, q_start, bq, axis=t.q_axis)
+      if t.kv_axis is not None and p.shape[t.kv_axis] > 1:
+        p = jax.lax.dynamic_slice_in_dim(p, kv_start, bk, axis=t.kv_axis)
+      return p
+    return jax.tree.map(cut, self.tiling, params, is_leaf=_is_tiling)
+
+  def untile_add(self, acc, ct, q_start, kv_start, heads=None):
+    """Add a tile cotangent ``ct`` (shaped like ``tile_params``' output) into ``acc``
+    (shaped like the padded params)."""
+    def add(t: Tiling, a, c):
+      starts = [0] * a.ndim
+      if t.q_axis is not None and a.shape[t.q_axis] > 1:
+        starts[t.q_axis] = q_start
+      if t.kv_axis is not None and a.shape[t.kv_axis] > 1:
+        starts[t.kv_axis] = kv_start
+      if t.head_axis is not None and heads is not None and a.shape[t.head_axis] > 1:
+        # Scatter the head subset back; heads are distinct, so this is an exact add.
+        full_shape = list(c.shape)
+        full_shape[t.head_axis] = a.shape[t.head_axis]
+        full = jnp.zeros(full_shape, c.dtype)
+        idx = [slice(None)] * c.ndim
+        idx[t.head_axis] = np.asarray(heads)
+        c = full.at[tuple(idx)].add(c)
+      if c.shape == a.shape:
+        return a + c
+      cur = jax.lax.dynamic_slice(a, starts, c.shape)
+      return jax.lax.dynamic_update_slice(a, cur + c, starts)
+    return jax.tree.map(add, self.tiling, acc, ct, is_leaf=_is_tiling)
+
+
+def _as_float_param(name, x, ndim_allowed):
+  if isinstance(x, (int, float)):
+    x = np.asarray(x, np.float32)
+  if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a floating-point array, got "
+                    f"{getattr(x, 'dtype', type(x).__name__)}")
+  if x.ndim not in ndim_allowed:
+    raise ValueError(f"{name} must have rank in {sorted(ndim_allowed)}, got shape {x.shape}")
+  return jnp.asarray(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in score mods
+# ----------------------------------------------------------------------------------------------
+
+def softcap(cap: float) -> ScoreMod:
+  """Logit soft-capping ``cap * tanh(score / cap)`` (Gemma 2; Bello et al. 2016)."""
+  if not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+    raise ValueError(f"softcap cap must be a positive finite number, got {cap!r}")
+  cap = float(cap)
+
+  def fn(params, s, b, h, q, k):
+    return cap * jnp.tanh(s / cap)
+
+  return ScoreMod(fn, (), None, f"softcap({cap})")
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+  """The geometric ALiBi slopes of Press et al. 2022 (also for non-power-of-2 head counts)."""
+  def pow2(n):
+    start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+    return [start * start ** i for i in range(n)]
+  if num_heads < 1:
+    raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+  p = 2 ** math.floor(math.log2(num_heads))
+  slopes = pow2(p)
+  if p < num_heads:
+    slopes += pow2(2 * p)[0::2][: num_heads - p]
+  return np.asarray(slopes, np.float32)
+
+
+def alibi(slopes, *, symmetric: bool = False) -> ScoreMod:
+  """ALiBi (Press et al. 2022, "Train Short, Test Long"): adds ``slopes[h] * (j - i)`` to the
+  logit of query position ``i`` and key position ``j`` (a penalty growing with distance for past
+  keys). ``symmetric=True`` adds ``-slopes[h] * |i - j|`` instead (encoder use). ``slopes`` is a
+  float array ``[H]`` (one per query head, learnable) — see :func:`alibi_slopes`."""
+  slopes = _as_float_param("alibi slopes", slopes, {1})
+
+  def fn(params, s, b, h, q, k):
+    (sl,) = params
+    dist = (k - q).astype(s.dtype)
+    if symmetric:
+      dist = -jnp.abs(dist)
+    return s + sl.astype(s.dtype)[None, :, None, None] * dist
+
+  return ScoreMod(fn, (slopes,), (Tiling(head_axis=0),), "alibi")
+
+
+def t5_relative_bucket(rel, *, bidirectional: bool, num_buckets: int, max_distance: int):
+  """T5's log-spaced relative-position buckets (Raffel et al. 2020) for ``rel = j - i``."""
+  n = -rel
+  ret = jnp.zeros_like(rel)
+  if bidirectional:
+    num_buckets //= 2
+    ret = ret + (n < 0).astype(rel.dtype) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  nf = jnp.maximum(n, 1).astype(jnp.float32)
+  large = max_exact + (jnp.log(nf / max_exact) / math.log(max_distance / max_exact)
+                       * (num_buckets - max_exact)).astype(rel.dtype)
+  large = jnp.minimum(large, num_buckets - 1)
+  return ret + jnp.where(is_small, n, large)
+
+
+def relative_bias(table, max_distance: int, *, mode: str = "clipped",
+                  bidirectional: bool = True) -> ScoreMod:
+  """Learnable relative-position bias added to the logits, ``table[h, bucket(j - i)]``.
+
+  ``mode="clipped"`` (Shaw et al. 2018 / Music Transformer style clipped distances): the bucket
+  is ``clip(j - i, -max_distance, max_distance) + max_distance`` and ``table`` has
+  ``2 * max_distance + 1`` entries per head (``max_distance + 1`` with ``bidirectional=False``,
+  indexed by ``clip(i - j, 0, max_distance)``). ``mode="t5"``: T5's log buckets with
+  ``num_buckets = table.shape[-1]``. ``table`` is ``[H, num_buckets]`` (per head) or
+  ``[num_buckets]`` (shared)."""
+  table = _as_float_param("relative_bias table", table, {1, 2})
+  md = int(max_distance)
+  if md < 1:
+    raise ValueError(f"relative_bias max_distance must be >= 1, got {max_distance}")
+  nb = table.shape[-1]
+  if mode == "clipped":
+    need = 2 * md + 1 if bidirectional else md + 1
+    if nb != need:
+      raise ValueError(f"relative_bias table has {nb} buckets per head but mode='clipped' with "
+                       f"max_distance={md} and bidirectional={bidirectional} needs {need}")
+  elif mode == "t5":
+    if nb < 4 or (bidirectional and nb % 2):
+      raise ValueError(f"relative_bias mode='t5' needs >= 4 buckets (even when bidirectional), "
+                       f"got {nb}")
+  else:
+    raise ValueError(f"relative_bias mode must be 'clipped' or 't5', got {mode!r}")
+  per_head = table.ndim == 2
+
+  def fn(params, s, b, h, q, k):
+    (tab,) = params
+    rel = (k - q).astype(jnp.int32)
+    if mode == "clipped":
+      if bidirectional:
+        bucket = jnp.clip(rel, -md, md) + md
+      else:
+        bucket = jnp.clip(-rel, 0, md)
+    else:
+      bucket = t5_relative_bucket(rel, bidirectional=bidirectional, num_buckets=nb,
+                                  max_distance=md)
+    bucket = bucket[0, 0]  # [bq, bk]
+    tab = tab.astype(s.dtype)
+    if per_head:
+      bias = jnp.take(tab, bucket, axis=1)  # [Hs, bq, bk]
+      return s + bias[None]
+    return s + jnp.take(tab, bucket, axis=0)[None, None]
+
+  tiling = (Tiling(head_axis=0),) if per_head else (GLOBAL,)
+  return ScoreMod(fn, (table,), tiling, f"relative_bias({mode})")
+
+
+def low_rank_bias(u, w) -> ScoreMod:
+  """Low-rank additive bias ``bias[b, h, i, j] = u[b, i, h, :] . w[b, j, h, :]`` computed tile
+  by tile and never materialized (FlashBias, Wu et al. 2025). ``u`` is ``[B, Tq, H, R]`` and
+  ``w`` is ``[B, Tk, H, R]``; ``B`` and ``H`` may be 1 to broadcast. Rows follow this call's
+  query/key rows."""
+  u = _as_float_param("low_rank_bias u", u, {4})
+  w = _as_float_param("low_rank_bias w", w, {4})
+  if u.shape[-1] != w.shape[-1]:
+    raise ValueError(f"low_rank_bias: u rank {u.shape[-1]} != w rank {w.shape[-1]} "
+                     f"(u {u.shape}, w {w.shape})")
+
+  def fn(params, s, b, h, q, k):
+    uu, ww = params
+    bias = jnp.einsum("bqhr,bkhr->bhqk", uu.astype(s.dtype), ww.astype(s.dtype),
+                      precision=jax.lax.Precision.HIGHEST)
+    return s + bias
+
+  return ScoreMod(fn, (u, w), (Tiling(q_axis=1, head_axis=2), Tiling(kv_axis=1, head_axis=2)),
+                  "low_rank_bias")
+
+
+def additive_bias(bias) -> ScoreMod:
+  """A materialized additive bias ``[B, H, Tq, Tk]`` (any of B, H, Tq, Tk may be 1 to
+  broadcast); used for the ``bias=`` argument of attention."""
+  def fn(params, s, b, h, q, k):
+    (bb,) = params
+    return s + bb.astype(s.dtype)
+
+  return ScoreMod(fn, (bias,), (Tiling(q_axis=2, kv_axis=3, head_axis=1),), "bias")
+
+
+def from_function(fn: Callable, name: str | None = None) -> ScoreMod:
+  """Wrap a user ``fn(score, batch, head, q_idx, kv_idx) -> score`` (FlexAttention style).
+
+  It receives broadcastable arrays (see the module docstring) and must use ``jnp`` operations.
+  Arrays it captures (e.g. a table indexed by ``head``) receive gradients: they are hoisted
+  into params by closure conversion when the backend binds the mod to its tile shape."""
+  if not callable(fn):
+    raise TypeError(f"scores.from_function needs a callable, got {type(fn).__name__}")
+  return ScoreMod(None, (), None, name or getattr(fn, "__name__", "score_mod"), raw_fn=fn)
+
+
+def chain(*mods: ScoreMod) -> ScoreMod:
+  """Apply several score mods in order (e.g. ``chain(alibi(s), softcap(30.0))``)."""
+  mods = tuple(m for m in mods if m is not None)
+  for i, m in enumerate(mods):
+    if not isinstance(m, ScoreMod):
+      raise TypeError(f"chain: argument {i} must be a ScoreMod, got {type(m).__name__}")
+  if len(mods) == 1:
+    return mods[0]
+  if any(m.raw_fn is not None for m in mods):
+    return _LazyChain(mods)
+  fns = tuple(m.fn for m in mods)
+
+  def fn(params, s, b, h, q, k):
+    for f, p in zip(fns, params):
+      s = f(p, s, b, h, q, k)
+    return s
+
+  return ScoreMod(fn, tuple(m.params for m in mods), tuple(m.tiling for m in mods),
+                  "chain(" + ", ".join(m.name for m in mods) + ")")
+
+
+class _LazyChain(ScoreMod):
+  """A chain holding user functions: binds its members, then chains them."""
+
+  def __init__(self, mods):
+    super().__init__(None, tuple(m.params for m in mods), tuple(m.tiling for m in mods),
+                     "chain(" + ", ".join(m.name for m in mods) + ")", raw_fn=None)
+    self.mods = mods
+
+  def tree_flatten(self):
+    return (tuple(m for m in self.mods),), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(tuple(children[0]))
+
+  def bind(self, *shapes, **kw):
+    return chain(*(m.bind(*shapes, **kw) for m in self.mods))
+
+
+def as_score_mod(score_mod) -> ScoreMod | None:
+  """Normalize the ``score_mod`` argument: None, a ScoreMod, or a sequence (chained)."""
+  if score_mod is None:
+    return None
+  if isinstance(score_mod, ScoreMod):
+    return score_mod
+  if isinstance(score_mod, (list, tuple)):
+    return chain(*score_mod)
+  if callable(score_mod):
+    return from_function(score_mod)
+  raise TypeError(f"score_mod must be an attnjax.scores.ScoreMod, a callable "
+                  f"fn(score, batch, head, q_idx, kv_idx), a sequence of them, or None; got "
+                  f"{type(score_mod).__name__}")
+
+
+__all__ = ["ScoreMod", "Tiling", "softcap", "alibi", "alibi_slopes", "relative_bias",
+           "t5_relative_bucket", "low_rank_bias", "additive_bias", "from_function", "chain",
+           "as_score_mod"]
