@@ -1,0 +1,178 @@
+"""Bad input to attnjax.attention raises errors that name the argument, shapes and what is allowed;
+backends refuse features they lack instead of dropping them."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnjax as aj
+from attnjax import masks as M, scores as S
+from attnjax.backends import base
+
+rng = np.random.default_rng(0)
+
+
+def _qkv(B=2, Tq=8, Tk=8, Hq=4, Hkv=2, D=8, Dv=8, dtype=jnp.float32):
+  return (jnp.asarray(rng.normal(size=(B, Tq, Hq, D)), dtype),
+          jnp.asarray(rng.normal(size=(B, Tk, Hkv, D)), dtype),
+          jnp.asarray(rng.normal(size=(B, Tk, Hkv, Dv)), dtype))
+
+
+def test_rank():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match=r"q must be 4-D .*\[2, 8, 32\]"):
+    aj.attention(q.reshape(2, 8, 32), k, v)
+
+
+def test_batch_mismatch():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="batch sizes differ"):
+    aj.attention(q[:1], k, v)
+
+
+def test_kv_length_mismatch():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="k and v must have the same sequence length"):
+    aj.attention(q, k, v[:, :5])
+
+
+def test_head_dim_mismatch():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="q and k must have the same head_dim"):
+    aj.attention(q, k[..., :4], v)
+
+
+def test_gqa_divisibility():
+  q, k, v = _qkv(Hq=3, Hkv=2)
+  with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple .* \(2\)"):
+    aj.attention(q, k, v)
+
+
+def test_integer_dtype():
+  q, k, v = _qkv()
+  with pytest.raises(TypeError, match="q must have a floating-point dtype.*int32"):
+    aj.attention(q.astype(jnp.int32), k, v)
+
+
+def test_mixed_dtypes():
+  q, k, v = _qkv()
+  with pytest.raises(TypeError, match="share one dtype"):
+    aj.attention(q, k.astype(jnp.bfloat16), v)
+
+
+def test_mask_type():
+  q, k, v = _qkv()
+  with pytest.raises(TypeError, match=r"masks.dense"):
+    aj.attention(q, k, v, mask=np.ones((8, 8), bool))
+  with pytest.raises(TypeError, match="mask must be"):
+    aj.attention(q, k, v, mask="causal")
+
+
+def test_dense_mask_shape():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match=r"dense mask has shape \(8, 9\).*\[8, 8\]"):
+    aj.attention(q, k, v, mask=M.dense(np.ones((8, 9), bool)))
+
+
+def test_neighborhood_token_count():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match=r"spatial_shape=\(3, 3\) covers 9 tokens.*8"):
+    aj.attention(q, k, v, mask=M.neighborhood((3, 3), 3))
+
+
+def test_negative_window():
+  with pytest.raises(ValueError, match="left must be >= 0"):
+    M.sliding_window(-1, 0)
+
+
+def test_kernel_larger_than_axis():
+  with pytest.raises(ValueError, match=r"kernel_size\[1\]=5 .* exceeds spatial_shape\[1\]=4"):
+    M.neighborhood((4, 4), (3, 5))
+
+
+def test_strided_heads_cover():
+  q, k, v = _qkv(Hq=4, Hkv=2)
+  with pytest.raises(ValueError, match=r"stride=8.*4 heads"):
+    aj.attention(q, k, v, mask=M.strided_heads(8))
+
+
+def test_per_head_count():
+  q, k, v = _qkv(Hq=4, Hkv=2)
+  with pytest.raises(ValueError, match="per_head mask holds 2 masks but the query has 4 heads"):
+    aj.attention(q, k, v, mask=[M.causal(), M.full()])
+
+
+def test_bias_shape():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match=r"bias must be broadcastable to \[B, Hq, Tq, Tk\]"):
+    aj.attention(q, k, v, bias=jnp.zeros((2, 3, 8, 8)))
+
+
+def test_sinks_shape():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match=r"sinks must have shape \[num_q_heads\] = \[4\]"):
+    aj.attention(q, k, v, sinks=jnp.zeros((2,)))
+
+
+def test_segment_ids():
+  q, k, v = _qkv(Tq=6, Tk=8)
+  with pytest.raises(ValueError, match="segment_ids alone .* Tq == Tk"):
+    aj.attention(q, k, v, segment_ids=jnp.zeros((2, 6), jnp.int32))
+  with pytest.raises(ValueError, match=r"kv_segment_ids must have shape \[2, 8\]"):
+    aj.attention(q, k, v, segment_ids=jnp.zeros((2, 6), jnp.int32),
+                 kv_segment_ids=jnp.zeros((2, 6), jnp.int32))
+  with pytest.raises(TypeError, match="segment_ids must have an integer dtype"):
+    aj.attention(q, k, v, segment_ids=jnp.zeros((2, 6)), kv_segment_ids=jnp.zeros((2, 8)))
+  with pytest.raises(ValueError, match="kv_segment_ids was given without segment_ids"):
+    aj.attention(q, k, v, kv_segment_ids=jnp.zeros((2, 8), jnp.int32))
+
+
+def test_positions_shape():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match=r"q_positions must have shape \[8\] or \[2, 8\]"):
+    aj.attention(q, k, v, q_positions=np.arange(5))
+
+
+def test_scale_and_impl():
+  q, k, v = _qkv()
+  with pytest.raises(TypeError, match="scale must be a Python float"):
+    aj.attention(q, k, v, scale=jnp.float32(0.1))
+  with pytest.raises(ValueError, match=r"impl='flash' is not a known backend.*chunked"):
+    aj.attention(q, k, v, impl="flash")
+
+
+def test_score_mod_params():
+  with pytest.raises(ValueError, match="relative_bias table has 5 buckets"):
+    S.relative_bias(jnp.zeros((4, 5)), 6)
+  with pytest.raises(ValueError, match="softcap cap must be a positive"):
+    S.softcap(0.0)
+  with pytest.raises(TypeError, match="alibi slopes must be a floating-point"):
+    S.alibi(jnp.arange(4))
+  with pytest.raises(ValueError, match="low_rank_bias: u rank 3 != w rank 2"):
+    S.low_rank_bias(jnp.zeros((1, 8, 1, 3)), jnp.zeros((1, 8, 1, 2)))
+
+
+class _NoSinks(base.Backend):
+  capabilities = base.Capabilities(name="nosinks", sinks=False, per_head_masks=False)
+
+  def __call__(self, p):  # pragma: no cover - never reached
+    raise AssertionError("a backend must not be called with a feature it lacks")
+
+
+def test_missing_capability_raises_not_drops():
+  q, k, v = _qkv()
+  with pytest.raises(NotImplementedError, match="'nosinks' does not support sinks"):
+    aj.attention(q, k, v, sinks=jnp.zeros((4,)), impl=_NoSinks())
+  with pytest.raises(NotImplementedError, match="per-head masks"):
+    aj.attention(q, k, v, mask=M.strided_heads(2), impl=_NoSinks())
+
+
+def test_auto_selects_capable_backend():
+  q, k, v = _qkv()
+  p = aj.build_problem(q, k, v, mask=M.causal())
+  assert aj.select_backend(p, "auto").name == "xla"
+  long_q, long_k, long_v = _qkv(B=1, Tq=2048, Tk=2048, Hq=1, Hkv=1)
+  p = aj.build_problem(long_q, long_k, long_v, mask=M.causal())
+  assert aj.select_backend(p, "auto").name == "chunked"
