@@ -477,6 +477,14 @@ class PerHead(Mask):
       out = xp.where(h == i, self.masks[i]._eval(xp, q, k, h), out)
     return out
 
+  def _np_eval(self, q, k, h):
+    if h is None:
+      raise ValueError("per_head masks need a head index: call mask_mod(q, k, head)")
+    out = self.masks[-1]._np_eval(q, k, h)
+    for i in range(len(self.masks) - 2, -1, -1):
+      out = np.where(h == i, self.masks[i]._np_eval(q, k, h), out)
+    return out
+
   def validate(self, q_len, kv_len, num_heads):
     if num_heads != len(self.masks):
       raise ValueError(f"per_head mask holds {len(self.masks)} masks but the query has "
@@ -485,6 +493,9 @@ class PerHead(Mask):
       m.validate(q_len, kv_len, num_heads)
 
   def _block_map(self, q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads):
+    if num_heads != len(self.masks):
+      raise ValueError(f"per_head mask holds {len(self.masks)} masks but num_heads={num_heads}; "
+                       f"they must be equal")
     maps = []
     for i, m in enumerate(self.masks):
       bm = _child_block_map(m, q_pos, q_valid, kv_pos, kv_valid, bq, bk,
@@ -586,12 +597,13 @@ class Neighborhood(Mask):
     return coords[::-1]
 
   def _eval(self, xp, q, k, h):
+    t = math.prod(self.spatial_shape)
+    out = (q >= 0) & (q < t) & (k >= 0) & (k < t)  # positions off the grid see nothing
     qc, kc = self._coords(xp, q), self._coords(xp, k)
-    out = None
     for a, n in enumerate(self.spatial_shape):
       vis = _na_axis(xp, qc[a], kc[a], n, self.kernel_size[a], self.dilation[a], self.stride[a],
                      self.causal[a])
-      out = vis if out is None else out & vis
+      out = out & vis
     return out
 
   @functools.cached_property
