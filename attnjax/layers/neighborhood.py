@@ -1,0 +1,167 @@
+"""Neighborhood attention layers (NATTEN semantics), 1-D, 2-D and 3-D.
+
+Papers: Hassani et al. 2023, "Neighborhood Attention Transformer" (NA); Hassani & Shi 2022,
+"Dilated Neighborhood Attention Transformer" (DiNA, ``dilation``); Hassani et al. 2024, "Faster
+Neighborhood Attention" (per-axis causal NA); Hassani et al. 2025, "Generalized Neighborhood
+Attention" (GNA, ``stride``). The layer is NATTEN's ``NeighborhoodAttention{1,2,3}D`` module:
+``qkv`` projection, NA, output projection, optional relative position bias.
+
+The neighborhood is the mask :func:`attnjax.masks.neighborhood` over the row-major flattened
+grid, and the relative position bias is a score mod, so every backend of
+:func:`attnjax.attention` runs it (block-sparse backends skip the empty tiles of the mask).
+Token layout and common arguments (``dtype``, ``param_dtype``, ``impl``): see
+:mod:`attnjax.layers.window` (``[B, *grid, C]`` or ``[B, N, C]`` with
+``grid_size``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import attnjax
+from attnjax import masks as masks_lib
+from attnjax import scores as scores_lib
+from attnjax.layers.window import as_tuple, check_dim_heads, to_grid
+
+
+def na_rpb_score_mod(rpb: jax.Array, grid, kernel_size, dilation) -> scores_lib.ScoreMod:
+  """Score mod adding NATTEN's relative position bias.
+
+  ``rpb`` is ``[heads, 2k_0 - 1, ..., 2k_{D-1} - 1]``; for query token ``i`` and key token ``j``
+  (row-major over ``grid``) with per-axis coordinates ``y_a(i)`` the bias is
+  ``rpb[h, ..., (y_a(j) // d_a - y_a(i) // d_a) + k_a - 1, ...]``, i.e. indexed by the key-minus-
+  query offset counted in dilation steps (NATTEN's ``pb_start + ki``). Offsets of visible pairs
+  always lie in ``[-(k-1), k-1]``; masked pairs are clipped into range (their score is discarded).
+  """
+  grid, ks, dil = tuple(grid), tuple(kernel_size), tuple(dilation)
+  sizes = tuple(2 * k - 1 for k in ks)
+
+  def coords(idx):
+    out, rem = [], idx
+    for n in reversed(grid):
+      out.append(rem % n)
+      rem = rem // n
+    return out[::-1]
+
+  def fn(params, s, b, h, q, k):
+    (tab,) = params  # [Hs, 2k0-1, ...]
+    tab = tab.reshape(tab.shape[0], -1).astype(s.dtype)
+    qc, kc = coords(q), coords(k)
+    flat = None
+    for a in range(len(grid)):
+      rel = kc[a] // dil[a] - qc[a] // dil[a] + ks[a] - 1
+      rel = jnp.clip(rel, 0, sizes[a] - 1)
+      flat = rel if flat is None else flat * sizes[a] + rel
+    flat = jnp.broadcast_to(flat, jnp.broadcast_shapes(q.shape, k.shape))[0, 0]  # [bq, bk]
+    return s + jnp.take(tab, flat, axis=1)[None]  # [1, Hs, bq, bk]
+
+  return scores_lib.ScoreMod(fn, (rpb,), (scores_lib.Tiling(head_axis=0),), "na_rpb")
+
+
+class _NeighborhoodAttention(nnx.Module):
+  _ndim: int = 0
+
+  def __init__(self, dim: int, num_heads: int, kernel_size, *, dilation=1, stride=1,
+               is_causal=False, rel_pos_bias: bool = False, qkv_bias: bool = True,
+               qk_scale: float | None = None, impl: str = "auto", dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    name, nd = type(self).__name__, self._ndim
+    self.head_dim = check_dim_heads(name, dim, num_heads)
+    self.dim, self.num_heads = dim, num_heads
+    self.kernel_size = as_tuple(name, "kernel_size", kernel_size, nd)
+    self.dilation = as_tuple(name, "dilation", dilation, nd)
+    self.stride = as_tuple(name, "stride", stride, nd)
+    causal = tuple(is_causal) if isinstance(is_causal, (tuple, list)) else (is_causal,) * nd
+    if len(causal) != nd or not all(isinstance(c, bool) for c in causal):
+      raise ValueError(f"{name}: is_causal={is_causal!r} must be a bool or {nd} bools")
+    self.is_causal = causal
+    for a in range(nd):
+      if self.stride[a] > self.kernel_size[a]:
+        raise ValueError(f"{name}: stride={self.stride} exceeds kernel_size={self.kernel_size} "
+                         f"on axis {a}; allowed: 1 <= stride <= kernel_size")
+    self.scale = float(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
+    self.impl = impl
+    self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if rel_pos_bias:
+      init = jax.nn.initializers.truncated_normal(stddev=0.02)
+      shape = (num_heads,) + tuple(2 * k - 1 for k in self.kernel_size)
+      self.rpb = nnx.Param(init(rngs.params(), shape, param_dtype))
+    else:
+      self.rpb = None
+
+  def __call__(self, x: jax.Array, grid_size=None) -> jax.Array:
+    name, nd = type(self).__name__, self._ndim
+    xg, restore = to_grid(name, x, grid_size, nd, self.dim)
+    b, grid = xg.shape[0], tuple(xg.shape[1:-1])
+    for a in range(nd):
+      span = self.kernel_size[a] * self.dilation[a]
+      if span > grid[a]:
+        raise ValueError(f"{name}: kernel_size={self.kernel_size} x dilation={self.dilation} "
+                         f"spans {span} tokens on axis {a}, more than the grid {grid} holds "
+                         f"({grid[a]}); kernel_size * dilation must be <= the grid size on "
+                         f"every axis")
+    n = math.prod(grid)
+    mask = masks_lib.neighborhood(grid, self.kernel_size, self.dilation, self.stride,
+                                  self.is_causal)
+    qkv = self.qkv(xg).reshape(b, n, 3, self.num_heads, self.head_dim)
+    mod = None
+    if self.rpb is not None:
+      mod = na_rpb_score_mod(self.rpb[...], grid, self.kernel_size, self.dilation)
+    out = attnjax.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask=mask, score_mod=mod,
+                            scale=self.scale, impl=self.impl)
+    out = self.proj(out.reshape((b,) + grid + (self.dim,)))
+    return restore(out)
+
+
+_DOC = """Neighborhood attention over a {nd}-D token grid (NATTEN ``NeighborhoodAttention{nd}D``).
+
+Hassani et al. 2023 (NA), Hassani & Shi 2022 (DiNA), Hassani et al. 2024 (causal NA),
+Hassani et al. 2025 (GNA). Input ``{layout}``; output the same layout with ``dim`` channels.
+
+Semantics: ``q, k, v = x W_qkv (+ b)`` in ``num_heads`` heads of ``d = dim / num_heads``;
+
+    out_i = sum_{{j in N(i)}} softmax_j(scale * q_i . k_j + rpb[h, (y(j) // dil - y(i) // dil)
+            + k - 1]) v_j,     then ``W_proj``,
+
+with ``scale = qk_scale or d ** -0.5`` and ``N(i)`` NATTEN's neighborhood, per axis (see
+:func:`attnjax.masks.neighborhood`): keys in the query's dilation group
+(``i % dilation == j % dilation``); inside the group, the ``kernel_size`` keys around the
+stride-tile leader, shifted inward at the borders so every query sees exactly ``kernel_size``
+keys per axis; a causal axis sees ``[max(leader - k + 1, 0), i]`` in group coordinates.
+``stride=1`` is sliding NA, ``stride=kernel_size`` is blocked (window) attention. The optional
+relative position bias ``rpb`` (``rel_pos_bias=True``) has ``(2k-1)^D`` entries per head,
+indexed by the key-minus-query offset in dilation steps (NATTEN layout ``[heads, 2k-1, ...]``);
+it is also allowed with causal axes (NATTEN's kernels refuse that combination; the definition
+is the same).
+
+Arguments: ``kernel_size``, ``dilation``, ``stride`` are ints or per-axis tuples,
+``is_causal`` a bool or per-axis tuple; ``kernel_size * dilation`` must not exceed the grid and
+``stride <= kernel_size`` (``ValueError`` otherwise). ``dtype`` is the compute dtype (``None``:
+Flax promotion of input and float32 params), ``param_dtype`` the parameter dtype, ``impl`` the
+``attnjax.attention`` backend.
+"""
+
+
+class NeighborhoodAttention1D(_NeighborhoodAttention):
+  __doc__ = _DOC.format(nd=1, layout="[B, L, C]")
+  _ndim = 1
+
+
+class NeighborhoodAttention2D(_NeighborhoodAttention):
+  __doc__ = _DOC.format(nd=2, layout="[B, H, W, C] (or [B, N, C] with grid_size=(H, W))")
+  _ndim = 2
+
+
+class NeighborhoodAttention3D(_NeighborhoodAttention):
+  __doc__ = _DOC.format(nd=3, layout="[B, T, H, W, C] (or [B, N, C] with grid_size=(T, H, W))")
+  _ndim = 3
+
+
+__all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D",
+           "na_rpb_score_mod"]
