@@ -76,8 +76,8 @@ def _positions(name, x, batch, length):
     return None
   if isinstance(x, (list, tuple, range)):
     x = np.asarray(x)
-  x = _check_int_array(name, x, [(length,), (batch, length)], "positions per token, optionally "
-                       "per example")
+  x = _check_int_array(name, x, [(length,), (1, length), (batch, length)],
+                       "positions per token, optionally per example")
   return x
 
 
@@ -179,8 +179,8 @@ def _platform(x) -> str:
 
 def auto_candidates(p: base.Problem) -> list[str]:
   """Backends ``impl="auto"`` tries, best first."""
-  per_example_pos = any(x is not None and np.ndim(x) == 2 for x in (p.q_positions,
-                                                                    p.kv_positions))
+  per_example_pos = any(x is not None and np.ndim(x) == 2 and x.shape[0] > 1
+                        for x in (p.q_positions, p.kv_positions))
   small = p.q_len * p.kv_len <= AUTO_DENSE_MAX_ENTRIES or p.q_len <= 16 or per_example_pos
   order = ["xla", "chunked"] if small else ["chunked", "xla"]
   return [name for name in order if name in _BACKENDS]

@@ -131,7 +131,7 @@ def test_segment_ids():
 
 def test_positions_shape():
   q, k, v = _qkv()
-  with pytest.raises(ValueError, match=r"q_positions must have shape \[8\] or \[2, 8\]"):
+  with pytest.raises(ValueError, match=r"q_positions must have shape \[8\] or \[1, 8\] or \[2, 8\]"):
     aj.attention(q, k, v, q_positions=np.arange(5))
 
 

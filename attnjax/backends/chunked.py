@@ -56,15 +56,16 @@ class _Config:
   has_sinks: bool
 
 
-def _tile_logits(cfg: _Config, qt, kt):
-  """Scaled logits of one tile as ``[B, Hs, bq, bk]`` float32."""
-  s = jnp.einsum("bhgqd,bhkd->bhgqk", qt, kt, preferred_element_type=f32)
-  return (s * cfg.scale).reshape(cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk)
+def _tile_logits(cfg: _Config, qt, kt_t):
+  """Logits of one tile, ``[B, Hs, bq, bk]`` float32, from pre-scaled queries ``qt``
+  ``[B, Hk, G*bq, D]`` and transposed keys ``kt_t`` ``[B, Hk, D, bk]``."""
+  s = jnp.einsum("bhqd,bhdk->bhqk", qt, kt_t, preferred_element_type=f32)
+  return s.reshape(cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk)
 
 
 def _tile_index(cfg: _Config, i, j, qpos, kvpos):
-  qi = qpos[i][:, None, :, None]      # [Bp, 1, bq, 1]
-  kj = kvpos[j][:, None, None, :]     # [Bp, 1, 1, bk]
+  qi = _at(qpos, i)[:, None, :, None]      # [Bp, 1, bq, 1]
+  kj = _at(kvpos, j)[:, None, None, :]     # [Bp, 1, 1, bk]
   b = jnp.arange(cfg.B, dtype=jnp.int32)[:, None, None, None]
   h = jnp.asarray(cfg.head_ids, jnp.int32)[None, :, None, None]
   return b, h, qi, kj
@@ -77,11 +78,16 @@ def _tile_visibility(cfg: _Config, i, j, qi, kj, h, qseg, kvseg, masked: bool):
     kv_valid = (j * cfg.bk + jnp.arange(cfg.bk)) < cfg.kv_len
     vis = vis & kv_valid[None, None, None, :]
   if cfg.has_seg:
-    same = qseg[i][:, None, :, None] == kvseg[j][:, None, None, :]
+    same = _at(qseg, i)[:, None, :, None] == _at(kvseg, j)[:, None, None, :]
     vis = same if vis is None else vis & same
   if vis is None:
     return None
   return jnp.broadcast_to(vis, (cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk))
+
+
+def _at(x, i):
+  """``x[i]`` along the leading (block) axis, without negative-index handling."""
+  return jax.lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False)
 
 
 def _seg_skip_table(cfg: _Config, qseg, kvseg):
@@ -92,17 +98,21 @@ def _seg_skip_table(cfg: _Config, qseg, kvseg):
   return jnp.all(disjoint, axis=0)
 
 
+# Query-side blocks are [nq, B, Hk, G*bq, X]: within a block, rows run over (g, q) so that one
+# plain batched matmul per tile serves all query heads of a key/value head (GQA without repeat),
+# and [Hk, G*bq] reshapes for free to the score-mod layout [Hk*G, bq].
 def _blocks_q(x, cfg: _Config):
-  """[B, Hk, G, Tqp, X] -> [nq, B, Hk, G, bq, X]."""
+  """[B, Hk, G, Tqp, X] -> [nq, B, Hk, G*bq, X]."""
   B, Hk, G, _, X = x.shape
-  return x.reshape(B, Hk, G, cfg.nq, cfg.bq, X).transpose(3, 0, 1, 2, 4, 5)
+  x = x.reshape(B, Hk, G, cfg.nq, cfg.bq, X).transpose(3, 0, 1, 2, 4, 5)
+  return x.reshape(cfg.nq, B, Hk, G * cfg.bq, X)
 
 
 def _unblocks_q(x, cfg: _Config):
-  nq, B, Hk, G, bq = x.shape[:5]
-  rest = x.shape[5:]
-  perm = (1, 2, 3, 0, 4) + tuple(range(5, x.ndim))
-  return x.transpose(perm).reshape((B, Hk, G, nq * bq) + rest)
+  """[nq, B, Hk, G*bq, X] -> [B, Hk, G, Tqp, X]."""
+  nq, B, Hk, _, X = x.shape
+  x = x.reshape(nq, B, Hk, cfg.G, cfg.bq, X).transpose(1, 2, 3, 0, 4, 5)
+  return x.reshape(B, Hk, cfg.G, nq * cfg.bq, X)
 
 
 def _blocks_kv(x, cfg: _Config):
@@ -116,6 +126,12 @@ def _unblocks_kv(x, cfg: _Config):
   return x.transpose(1, 2, 0, 3, 4).reshape(B, Hk, nk * bk, X)
 
 
+def _row_sinks(cfg: _Config, sinks):
+  """Sink logit of every query row of a block: [Hk, G*bq] float32."""
+  per_head = sinks.astype(f32)[cfg.head_ids].reshape(cfg.Hk, cfg.G)
+  return jnp.repeat(per_head, cfg.bq, axis=1)
+
+
 def _pair_lists(cfg: _Config):
   lists = []
   if len(cfg.full_pairs):
@@ -125,15 +141,22 @@ def _pair_lists(cfg: _Config):
   return lists
 
 
+def _prescale(q, cfg: _Config):
+  return (q.astype(f32) * cfg.scale).astype(q.dtype)
+
+
 # ------------------------------------------------------------------------------------ forward
 def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
-  qb, kb, vb = _blocks_q(q, cfg), _blocks_kv(k, cfg), _blocks_kv(v, cfg)
-  shape = (cfg.nq, cfg.B, cfg.Hk, cfg.G, cfg.bq)
+  qb = _blocks_q(_prescale(q, cfg), cfg)
+  kbt = _blocks_kv(k, cfg).swapaxes(-1, -2)   # [nk, B, Hk, D, bk]: no per-tile transpose
+  vb = _blocks_kv(v, cfg)
+  rows = cfg.G * cfg.bq
+  shape = (cfg.nq, cfg.B, cfg.Hk, rows)
   m0 = jnp.full(shape, -jnp.inf, f32)
   l0 = jnp.zeros(shape, f32)
   a0 = jnp.zeros(shape + (v.shape[-1],), f32)
   skip_tbl = _seg_skip_table(cfg, qseg, kvseg) if cfg.has_seg else None
-  tile_shape = (cfg.B, cfg.Hk, cfg.G, cfg.bq, cfg.bk)
+  tile_shape = (cfg.B, cfg.Hk, rows, cfg.bk)
 
   def make_step(masked):
     def step(carry, pair):
@@ -142,7 +165,7 @@ def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
 
       def compute():
         b, h, qi, kj = _tile_index(cfg, i, j, qpos, kvpos)
-        s = _tile_logits(cfg, qb[i], kb[j])
+        s = _tile_logits(cfg, _at(qb, i), _at(kbt, j))
         if cfg.mod is not None:
           ptile = cfg.mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
           s = cfg.mod.fn(ptile, s, b, h, qi, kj)
@@ -150,21 +173,23 @@ def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
         if vis is not None:
           s = jnp.where(vis, s, -jnp.inf)
         s = s.reshape(tile_shape)
-        m_old, l_old, a_old = m[i], l[i], acc[i]
+        m_old, l_old, a_old = _at(m, i), _at(l, i), _at(acc, i)
         m_new = jnp.maximum(m_old, s.max(axis=-1))
         m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         alpha = jnp.exp(m_old - m_safe)
         p = jnp.exp(s - m_safe[..., None])
         l_new = alpha * l_old + p.sum(axis=-1)
-        pv = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vb[j],
+        pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _at(vb, j),
                         preferred_element_type=f32)
         return m_new, l_new, alpha[..., None] * a_old + pv
 
       if skip_tbl is not None:
-        m_t, l_t, a_t = jax.lax.cond(skip_tbl[i, j], lambda: (m[i], l[i], acc[i]), compute)
+        m_t, l_t, a_t = jax.lax.cond(skip_tbl[i, j], lambda: (_at(m, i), _at(l, i), _at(acc, i)),
+                                     compute)
       else:
         m_t, l_t, a_t = compute()
-      return (m.at[i].set(m_t), l.at[i].set(l_t), acc.at[i].set(a_t)), None
+      upd = jax.lax.dynamic_update_index_in_dim
+      return (upd(m, m_t, i, 0), upd(l, l_t, i, 0), upd(acc, a_t, i, 0)), None
     return step
 
   carry = (m0, l0, a0)
@@ -175,30 +200,32 @@ def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
   safe_l = jnp.where(has, l, 1.0)
   lse = jnp.where(has, m + jnp.log(safe_l), -jnp.inf)
   if cfg.has_sinks:
-    sink = sinks.astype(f32)[cfg.head_ids].reshape(1, 1, cfg.Hk, cfg.G, 1)
-    lse_tot = jnp.logaddexp(lse, sink)
+    lse_tot = jnp.logaddexp(lse, _row_sinks(cfg, sinks))
     out = acc * jnp.where(has, jnp.exp(m - lse_tot), 0.0)[..., None]
   else:
     lse_tot = lse
     out = acc / safe_l[..., None]
-  return out, lse_tot  # blocked: [nq, B, Hk, G, bq, Dv], [nq, B, Hk, G, bq]
+  return out, lse_tot  # blocked: [nq, B, Hk, G*bq, Dv], [nq, B, Hk, G*bq]
 
 
 # ----------------------------------------------------------------------------------- backward
 def _backward(cfg: _Config, res, g_out, g_lse):
   q, k, v, sinks, params, qseg, kvseg, qpos, kvpos, out_b, lse_b = res
-  qb, kb, vb = _blocks_q(q, cfg), _blocks_kv(k, cfg), _blocks_kv(v, cfg)
+  qb = _blocks_q(_prescale(q, cfg), cfg)
+  kb = _blocks_kv(k, cfg)
+  kbt = kb.swapaxes(-1, -2)
+  vb = _blocks_kv(v, cfg)
   dob = _blocks_q(g_out, cfg)
   # dL/ds_ij = p_ij * (dp_ij - delta_i); an LSE cotangent adds p_ij * g_lse_i.
-  delta = jnp.sum(dob.astype(f32) * out_b, axis=-1)          # [nq, B, Hk, G, bq]
+  delta = jnp.sum(dob.astype(f32) * out_b, axis=-1)          # [nq, B, Hk, G*bq]
   delta = delta - _blocks_q(g_lse.astype(f32)[..., None], cfg)[..., 0]
   lse_safe = jnp.where(jnp.isfinite(lse_b), lse_b, jnp.inf)  # rows that saw nothing: p = 0
   skip_tbl = _seg_skip_table(cfg, qseg, kvseg) if cfg.has_seg else None
-  tile_shape = (cfg.B, cfg.Hk, cfg.G, cfg.bq, cfg.bk)
+  rows = cfg.G * cfg.bq
+  tile_shape = (cfg.B, cfg.Hk, rows, cfg.bk)
   flat_shape = (cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk)
   mod = cfg.mod
-  padded_params = params
-  dparams0 = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), padded_params)
+  dparams0 = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params)
 
   def make_step(masked):
     def step(carry, pair):
@@ -207,28 +234,29 @@ def _backward(cfg: _Config, res, g_out, g_lse):
 
       def compute():
         b, h, qi, kj = _tile_index(cfg, i, j, qpos, kvpos)
-        s = _tile_logits(cfg, qb[i], kb[j])
+        qt = _at(qb, i)
+        s = _tile_logits(cfg, qt, _at(kbt, j))
         mod_vjp = None
         if mod is not None:
           ptile = mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
           s, mod_vjp = jax.vjp(lambda s_, p_: mod.fn(p_, s_, b, h, qi, kj), s, ptile)
         vis = _tile_visibility(cfg, i, j, qi, kj, h, qseg, kvseg, masked)
-        p = jnp.exp(s.reshape(tile_shape) - lse_safe[i][..., None])
+        p = jnp.exp(s.reshape(tile_shape) - _at(lse_safe, i)[..., None])
         if vis is not None:
           p = jnp.where(vis.reshape(tile_shape), p, 0.0)
-        do = dob[i]
-        dv_t = jnp.einsum("bhgqk,bhgqd->bhkd", p.astype(do.dtype), do,
+        do = _at(dob, i)
+        dv_t = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do,
                           preferred_element_type=f32)
-        dp = jnp.einsum("bhgqd,bhkd->bhgqk", do, vb[j], preferred_element_type=f32)
-        ds = p * (dp - delta[i][..., None])
+        dp = jnp.einsum("bhqd,bhkd->bhqk", do, _at(vb, j), preferred_element_type=f32)
+        ds = p * (dp - _at(delta, i)[..., None])
         dpt = None
         if mod_vjp is not None:
           ds_flat, dpt = mod_vjp(ds.reshape(flat_shape))
           ds = ds_flat.reshape(tile_shape)
-        ds = ds * cfg.scale
-        dq_t = jnp.einsum("bhgqk,bhkd->bhgqd", ds.astype(k.dtype), kb[j],
-                          preferred_element_type=f32)
-        dk_t = jnp.einsum("bhgqk,bhgqd->bhkd", ds.astype(q.dtype), qb[i],
+        # s = (scale * q) . k, so dk takes the pre-scaled queries and dq gets the scale.
+        dq_t = jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), _at(kb, j),
+                          preferred_element_type=f32) * cfg.scale
+        dk_t = jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), qt,
                           preferred_element_type=f32)
         return dq_t, dk_t, dv_t, dpt
 
@@ -244,9 +272,10 @@ def _backward(cfg: _Config, res, g_out, g_lse):
         dq_t, dk_t, dv_t, dpt = jax.lax.cond(skip_tbl[i, j], nothing, compute)
       else:
         dq_t, dk_t, dv_t, dpt = compute()
-      dq = dq.at[i].add(dq_t)
-      dk = dk.at[j].add(dk_t)
-      dv = dv.at[j].add(dv_t)
+      upd = jax.lax.dynamic_update_index_in_dim
+      dq = upd(dq, _at(dq, i) + dq_t, i, 0)
+      dk = upd(dk, _at(dk, j) + dk_t, j, 0)
+      dv = upd(dv, _at(dv, j) + dv_t, j, 0)
       if dpt is not None:
         dpt = jax.tree.map(lambda x: x.astype(f32), dpt)
         dparams = mod.untile_add(dparams, dpt, i * cfg.bq, j * cfg.bk, cfg.heads)
@@ -263,9 +292,9 @@ def _backward(cfg: _Config, res, g_out, g_lse):
   dv = _unblocks_kv(dv, cfg).astype(v.dtype)
   dsinks = None
   if cfg.has_sinks:
-    sink = sinks.astype(f32)[cfg.head_ids].reshape(1, 1, cfg.Hk, cfg.G, 1)
-    p_sink = jnp.exp(sink - lse_safe)                        # [nq, B, Hk, G, bq]
-    per_head = -jnp.sum(p_sink * delta, axis=(0, 1, 4)).reshape(-1)  # [Hk*G]
+    p_sink = jnp.exp(_row_sinks(cfg, sinks) - lse_safe)      # [nq, B, Hk, G*bq]
+    contrib = -(p_sink * delta).reshape(cfg.nq, cfg.B, cfg.Hk, cfg.G, cfg.bq)
+    per_head = jnp.sum(contrib, axis=(0, 1, 4)).reshape(-1)   # [Hk*G]
     dsinks = jnp.zeros(sinks.shape, f32).at[cfg.head_ids].add(per_head).astype(sinks.dtype)
   dparams = jax.tree.map(lambda d, p: d.astype(p.dtype), dparams, params)
   return dq, dk, dv, dsinks, dparams, None, None, None, None
@@ -330,7 +359,8 @@ class ChunkedBackend(base.Backend):
     if p.default_positions:
       bm = p.mask.block_map(p.q_len, p.kv_len, bq, bk, num_heads=nh)
     elif _is_static(p.q_positions) and _is_static(p.kv_positions):
-      qp, kp = (np.asarray(x) for x in (p.q_positions, p.kv_positions))
+      qp, kp = p.positions(np)
+      qp, kp = (x[0] if x.shape[0] == 1 else x for x in (qp, kp))
       if qp.ndim != 1 or kp.ndim != 1:
         bm = None
       else:
