@@ -1,0 +1,102 @@
+"""Shared layer building blocks: RoPE, RMSNorm, projections, sharding annotations, caches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from attnjax.layers import common
+from layers_reference import rand, rope_complex
+
+
+def test_rope_matches_complex_rotation():
+  x = rand(0, (2, 7, 3, 8))
+  pos = jnp.asarray(np.random.default_rng(0).integers(0, 50, size=(2, 7)), jnp.int32)
+  got = common.apply_rope(x, pos, 500.0)
+  np.testing.assert_allclose(got, rope_complex(x, pos, 500.0), atol=1e-5, rtol=1e-5)
+  # [T] positions broadcast over the batch
+  got1 = common.apply_rope(x, np.arange(7), 10000.0)
+  np.testing.assert_allclose(got1, rope_complex(x, np.arange(7), 10000.0), atol=1e-5, rtol=1e-5)
+
+
+def test_rope_logits_depend_only_on_distance():
+  q, k = rand(1, (1, 1, 1, 8)), rand(2, (1, 1, 1, 8))
+  dots = []
+  for shift in (0, 5, 17):
+    qr = common.apply_rope(q, jnp.array([[9 + shift]]), 10000.0)
+    kr = common.apply_rope(k, jnp.array([[4 + shift]]), 10000.0)
+    dots.append(float(jnp.sum(qr * kr)))
+  np.testing.assert_allclose(dots, dots[0], rtol=1e-5)
+
+
+def test_rope_rejects_odd_dim():
+  with pytest.raises(ValueError, match="even"):
+    common.apply_rope(rand(0, (1, 2, 1, 3)), np.arange(2))
+
+
+def test_rmsnorm_and_projection():
+  x = rand(3, (2, 5, 6))
+  n = common.RMSNorm(6)
+  n.scale[...] = rand(4, (6,))
+  want = x / np.sqrt(np.mean(np.asarray(x) ** 2, -1, keepdims=True) + 1e-6) * n.scale[...]
+  np.testing.assert_allclose(n(x), want, atol=1e-5, rtol=1e-5)
+  p = common.Projection((6,), (2, 3), ("embed",), ("heads", "head_dim"), use_bias=True,
+                        rngs=nnx.Rngs(0))
+  p.bias[...] = rand(5, (2, 3))
+  want = np.einsum("btc,chd->bthd", x, p.kernel[...]) + p.bias[...]
+  np.testing.assert_allclose(p(x), want, atol=1e-5, rtol=1e-5)
+  assert p(x.astype(jnp.bfloat16)).dtype == jnp.float32  # computes in its dtype
+  pb = common.Projection((6,), (4,), ("embed",), (None,), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  assert pb(x).dtype == jnp.bfloat16 and pb.kernel[...].dtype == jnp.float32
+
+
+def test_partition_annotations_use_axis_rules():
+  p = common.Projection((8,), (4, 2), ("embed",), ("heads", "head_dim"), rngs=nnx.Rngs(0))
+  spec = nnx.get_partition_spec(nnx.state(p))["kernel"].get_value()
+  assert tuple(spec) == (None, "tensor", None)
+  assert common.mesh_axes("heads", "kv_heads", "embed", None) == ("tensor", "tensor", None, None)
+  with pytest.raises(ValueError, match="logical axis"):
+    common.mesh_axes("nonsense")
+
+
+def test_eager_sharding_under_a_mesh():
+  mesh = jax.make_mesh((1,), ("tensor",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    p = common.Projection((8,), (4, 2), ("embed",), ("heads", "head_dim"), rngs=nnx.Rngs(0))
+  assert p.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
+
+
+def test_validation_helpers_name_the_argument():
+  with pytest.raises(ValueError, match="gate='x'.*'headwise'"):
+    common.check_choice("gate", "x", (None, "headwise"))
+  with pytest.raises(ValueError, match="dtype"):
+    common.canonical_dtype("dtype", "int8")
+  assert common.canonical_dtype("dtype", "bfloat16") == jnp.bfloat16
+  with pytest.raises(ValueError, match="num_heads=6 must be divisible by num_kv_heads=4"):
+    common.check_divisible("num_heads", 6, "num_kv_heads", 4)
+  with pytest.raises(ValueError, match="impl"):
+    common.check_impl(3)
+
+
+def test_cache_step_ring_buffer():
+  B, S = 2, 4
+  buf = jnp.zeros((B, S, 1), jnp.float32)
+  pos = jnp.full((B, S), -1, jnp.int32)
+  length = jnp.zeros((B,), jnp.int32)
+  # ragged prefill of 6 tokens (example 1 has 3) into a 4-slot ring with window_left=3
+  new = (jnp.arange(12, dtype=jnp.float32).reshape(B, 6, 1) + 1,)
+  step = jax.jit(common.cache_step, static_argnums=5)
+  st = step((buf,), new, pos, length, jnp.array([6, 3]), 3)
+  # T + window_left > S: attends over old cache + the new tokens
+  assert st.attn[0].shape == (B, S + 6, 1)
+  np.testing.assert_array_equal(st.length, [6, 3])
+  np.testing.assert_array_equal(st.q_segment_ids, [[1] * 6, [1, 1, 1, 0, 0, 0]])
+  # example 0 keeps positions 2..5 in slots 2,3,0,1; example 1 positions 0..2
+  np.testing.assert_array_equal(st.pos, [[4, 5, 2, 3], [0, 1, 2, -1]])
+  np.testing.assert_array_equal(st.buffers[0][..., 0], [[5, 6, 3, 4], [7, 8, 9, 0]])
+  # a single-token step fits the ring: written first, attention reads the cache alone
+  st2 = step(st.buffers, (jnp.ones((B, 1, 1)),), st.pos, st.length, None, 3)
+  assert st2.attn[0].shape == (B, S, 1)
+  np.testing.assert_array_equal(st2.pos, [[4, 5, 6, 3], [0, 1, 2, 3]])
+  np.testing.assert_array_equal(st2.q_positions, [[6], [3]])

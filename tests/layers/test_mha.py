@@ -1,0 +1,262 @@
+"""MultiHeadAttention (MHA/GQA/MQA, RoPE, QK-norm, gated attention, sinks, windows, cross
+attention, KV-cache decoding) against a plain re-implementation of the formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+from attnjax import masks, scores
+from attnjax.layers.mha import MultiHeadAttention, sliding_window_attention
+from layers_reference import (build, check_incremental, close, dense, f64, param, pos_mask,
+                              rand, rel_err, rms, rope_complex, sdpa, sigmoid)
+
+C = 16
+CALL = nnx.jit(lambda m, x: m(x))
+CALL_KV = nnx.jit(lambda m, x, kv: m(x, kv))
+
+
+def ref_forward(m, x, mem=None, *, qpos=None, kpos=None, extra=None, sinks=None,
+                logit_fn=None, segment_ids=None, bias=None):
+  """Multi-head attention from the formulas with the layer's weights (Vaswani et al. 2017; GQA;
+  RoPE; QK-norm; output gate G1 of Qiu et al. 2025: y * sigmoid(x W_g) before W_o)."""
+  B, T, _ = x.shape
+  qpos = np.arange(T) if qpos is None else np.asarray(qpos)
+  src = x if mem is None else mem
+  if kpos is None:
+    kpos = qpos if mem is None else np.arange(mem.shape[1])
+  q = dense(x, m.query.kernel, m.query.bias)
+  k = dense(src, m.key.kernel, m.key.bias)
+  v = dense(src, m.value.kernel, m.value.bias)
+  if m.qk_norm:
+    q, k = rms(q, param(m.q_norm.scale)), rms(k, param(m.k_norm.scale))
+  if m.rope_theta is not None:
+    q, k = rope_complex(q, qpos, m.rope_theta), rope_complex(k, kpos, m.rope_theta)
+  if m.window is not None:
+    W = m.window
+    fn = (lambda i, j: (j <= i) & (j > i - W)) if m.causal else (lambda i, j: abs(i - j) < W)
+  elif m.causal:
+    fn = lambda i, j: j <= i
+  else:
+    fn = lambda i, j: np.ones(np.broadcast_shapes(i.shape, j.shape), bool)
+  allowed = pos_mask(qpos, kpos, fn)
+  if extra is not None:
+    allowed = allowed & pos_mask(qpos, kpos, extra)
+  if segment_ids is not None:
+    seg = np.asarray(segment_ids)
+    allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :])
+  if bias is not None:
+    logit_fn = lambda s: s + f64(bias)
+  if m.sinks is not None:
+    sinks = param(m.sinks)
+  y = sdpa(q, k, v, allowed, sinks=sinks, logit_fn=logit_fn)
+  if m.gate is not None:
+    g = sigmoid(dense(x, m.gate_proj.kernel, m.gate_proj.bias))
+    y = y * (g[..., None] if m.gate == "headwise" else g)
+  out = np.tensordot(y, param(m.out.kernel), axes=[[2, 3], [0, 1]])
+  return out + param(m.out.bias) if m.out.bias is not None else out
+
+
+CONFIGS = {
+    "gqa_rope_qknorm_bias": dict(num_heads=4, num_kv_heads=2, causal=True, rope_theta=100.0,
+                                 qk_norm=True, use_bias=True, out_bias=True),
+    "mqa_gate_headwise": dict(num_heads=4, num_kv_heads=1, causal=True, gate="headwise"),
+    "gate_elementwise_sinks_dv": dict(num_heads=2, head_dim=6, v_head_dim=5, causal=True,
+                                      gate="elementwise", sinks=True),
+    "window_causal": dict(num_heads=4, num_kv_heads=2, causal=True, window=4, rope_theta=50.0),
+    "window_noncausal": dict(num_heads=2, causal=False, window=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_matches_reference_float32(name):
+  m = build(MultiHeadAttention, in_features=C, **CONFIGS[name])
+  x = rand(1, (2, 11, C))
+  close(CALL(m, x), ref_forward(m, x))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cross_attention_matches_reference(causal):
+  m = build(MultiHeadAttention, 4, C, num_kv_heads=2, in_kv_features=12, causal=causal,
+            rope_theta=100.0, gate="headwise")
+  x, mem = rand(2, (2, 7, C)), rand(3, (2, 10, 12))  # Tq != Tk
+  got = CALL_KV(m, x, mem)
+  close(got, ref_forward(m, x, mem))
+  # the projected memory (what decoding reuses) gives the same result
+  close(CALL_KV(m, x, m.project_memory(mem)), f64(got), 1e-6)
+
+
+def test_bfloat16_compute():
+  cfg = dict(num_heads=4, num_kv_heads=2, causal=True, rope_theta=100.0, qk_norm=True,
+             gate="elementwise")
+  m32 = build(MultiHeadAttention, in_features=C, **cfg)
+  mbf = build(MultiHeadAttention, in_features=C, dtype="bfloat16", **cfg)
+  nnx.update(mbf, nnx.state(m32, nnx.Param))
+  x = rand(4, (2, 12, C))
+  out = CALL(mbf, x)
+  assert out.dtype == jnp.bfloat16
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(mbf, nnx.Param)))
+  assert rel_err(out, ref_forward(m32, x)) < 2e-2
+  # bfloat16 decoding (bfloat16 cache) follows the bfloat16 parallel forward
+  cache = check_incremental(mbf, x, prompt_lens=[7, 4], steps=[1], tol=6e-2, full=out)
+  assert cache.k.dtype == jnp.bfloat16
+
+
+def test_positions_call_time_mask_score_mod_sinks_segments_bias():
+  m = build(MultiHeadAttention, 4, C, causal=True, rope_theta=100.0)
+  x = rand(5, (2, 9, C))
+  pos = jnp.asarray(np.stack([np.arange(9) + 3, np.arange(9) * 2]), jnp.int32)
+  sinks = rand(7, (4,))
+  seg = jnp.asarray([[0] * 5 + [1] * 4, [0] * 2 + [1] * 7], jnp.int32)
+  bias = rand(8, (1, 4, 9, 9))
+  f = nnx.jit(lambda m, x, pos, sinks, seg, bias: (
+      m(x, positions=pos, mask=masks.chunked(4), score_mod=scores.softcap(2.0)),
+      m(x, sinks=sinks, segment_ids=seg),
+      m(x, bias=bias)))
+  a, b, c = f(m, x, pos, sinks, seg, bias)
+  close(a, ref_forward(m, x, qpos=pos, extra=lambda i, j: (i // 4) == (j // 4),
+                       logit_fn=lambda s: 2.0 * np.tanh(s / 2.0)))
+  close(b, ref_forward(m, x, sinks=sinks, segment_ids=seg))
+  close(c, ref_forward(m, x, bias=bias))
+  with pytest.raises(ValueError, match="sinks"):
+    build(MultiHeadAttention, 2, C, sinks=True)(x, sinks=sinks[:2])
+
+
+def test_causal_prefix_property_self_and_cross():
+  """CAB conformance: the output at position i does not change when later tokens are removed
+  (causal self attention, and causal cross attention over a fixed memory)."""
+  m = build(MultiHeadAttention, 4, C, num_kv_heads=2, causal=True, rope_theta=100.0,
+            gate="headwise")
+  x, mem = rand(9, (2, 12, C)), rand(10, (2, 12, C))
+  f = nnx.jit(lambda m, x, mem: (m(x), m(x, mem)))
+  full_self, full_cross = f(m, x, mem)
+  for t in (1, 7):
+    s, c = f(m, x[:, :t], mem)
+    close(s, f64(full_self[:, :t]))
+    close(c, f64(full_cross[:, :t]))
+
+
+def test_noncausal_cross_runs_with_tq_ne_tk():
+  m = build(MultiHeadAttention, 4, C, in_kv_features=8, causal=False)
+  out = CALL_KV(m, rand(11, (2, 5, C)), rand(12, (2, 13, 8)))
+  assert out.shape == (2, 5, C) and bool(jnp.all(jnp.isfinite(out)))
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(num_heads=4, num_kv_heads=2, causal=True, rope_theta=100.0, qk_norm=True,
+         gate="headwise", sinks=True),
+    dict(num_heads=4, num_kv_heads=1, causal=True, window=3, rope_theta=100.0),
+], ids=["gqa_rope_gate_sinks", "mqa_window_ring"])
+def test_incremental_decoding_matches_parallel(cfg):
+  """Ragged prefill + decode steps (per-example cache lengths) == parallel forward; the
+  sliding-window layer decodes through a ring buffer of `window` slots."""
+  m = build(MultiHeadAttention, in_features=C, **cfg)
+  x = rand(13, (2, 12, C))
+  cache = check_incremental(m, x, prompt_lens=[4, 2], steps=[1, 4, 1, 4])
+  if m.window is not None:
+    assert cache.capacity == m.window
+
+
+def test_causal_cross_attention_decoding():
+  m = build(MultiHeadAttention, 4, C, num_kv_heads=2, causal=True, rope_theta=100.0)
+  x, mem = rand(14, (2, 5, C)), rand(15, (2, 9, C))
+  full = f64(CALL_KV(m, x, mem))
+  kv = m.project_memory(mem)
+  step = nnx.jit(lambda m, xt, kv, pos: m(xt, kv, positions=pos))
+  for t in range(5):
+    close(step(m, x[:, t:t + 1], kv, jnp.array([t], jnp.int32)), full[:, t:t + 1])
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "chunked"])
+def test_impl_is_passed_through(impl):
+  m = build(MultiHeadAttention, 4, C, num_kv_heads=2, causal=True, window=5, impl=impl)
+  x = rand(16, (1, 10, C))
+  close(CALL(m, x), ref_forward(m, x))
+
+
+def test_jit_and_grad():
+  m = build(MultiHeadAttention, 4, C, num_kv_heads=2, causal=True, rope_theta=100.0,
+            qk_norm=True, gate="elementwise", sinks=True)
+  x = rand(17, (1, 6, C))
+
+  def loss(m, x):
+    return jnp.mean(m(x) ** 2)
+
+  grads, gx = nnx.jit(lambda m, x: (nnx.grad(loss)(m, x), jax.grad(lambda x: loss(m, x))(x)))(
+      m, x)
+  leaves = jax.tree.leaves(grads)
+  assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+  for name in ("query", "key", "value", "out", "gate_proj"):
+    assert float(jnp.abs(grads[name]["kernel"][...]).sum()) > 0, name
+  assert float(jnp.abs(grads["sinks"][...]).sum()) > 0
+  # the input gradient agrees with central differences of the float64 reference
+  ref = lambda xx: np.mean(ref_forward(m, xx) ** 2)
+  x0, eps = f64(x), 1e-5
+  fd = np.zeros_like(x0)
+  for idx in np.ndindex(*x0.shape):
+    d = np.zeros_like(x0)
+    d[idx] = eps
+    fd[idx] = (ref(x0 + d) - ref(x0 - d)) / (2 * eps)
+  np.testing.assert_allclose(f64(gx), fd, atol=1e-5 * np.abs(fd).max())
+
+
+def test_sharding_annotations_put_heads_on_tensor_axis():
+  m = build(MultiHeadAttention, 4, C, num_kv_heads=2, gate="headwise", sinks=True)
+  spec = nnx.get_partition_spec(nnx.state(m, nnx.Param))
+  assert tuple(spec["query"]["kernel"].get_value()) == (None, "tensor", None)
+  assert tuple(spec["key"]["kernel"].get_value()) == (None, "tensor", None)
+  assert tuple(spec["out"]["kernel"].get_value()) == ("tensor", None, None)
+  assert tuple(spec["sinks"].get_value()) == ("tensor",)
+  mqa = build(MultiHeadAttention, 4, C, num_kv_heads=1)  # one KV head is replicated
+  spec = nnx.get_partition_spec(nnx.state(mqa, nnx.Param))
+  assert tuple(spec["key"]["kernel"].get_value()) == (None, None, None)
+
+
+def test_linen_bridge():
+  """The layer inside a Linen model via flax.nnx.bridge (with its default initializers)."""
+  cfg = dict(num_heads=4, num_kv_heads=2, causal=True, rope_theta=100.0, gate="headwise")
+
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x + nnx.bridge.to_linen(MultiHeadAttention, in_features=C, name="attn", **cfg)(x)
+
+  x = rand(19, (2, 8, C))
+  variables = jax.jit(Block().init)(jax.random.key(0), x)
+  y = jax.jit(Block().apply)(variables, x)
+  assert nn.get_partition_spec(variables)["params"]["attn"]["query"]["kernel"] == \
+      jax.sharding.PartitionSpec(None, "tensor", None)
+  m = build(MultiHeadAttention, in_features=C, **cfg)
+  nnx.update(m, nn.meta.unbox(variables["params"]["attn"]))
+  close(y, f64(x) + ref_forward(m, x))
+
+
+def test_sliding_window_helper():
+  m = build(sliding_window_attention, 2, C, 3)
+  assert isinstance(m, MultiHeadAttention) and m.causal and m.window == 3
+  assert m.init_cache(1, 10).capacity == 3
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_heads=3, in_features=16), "in_features=16 must be divisible by num_heads=3"),
+    (dict(num_heads=4, in_features=16, num_kv_heads=3), "num_heads=4 must be divisible by "
+     "num_kv_heads=3"),
+    (dict(num_heads=4, in_features=16, num_kv_heads=8), "num_kv_heads=8"),
+    (dict(num_heads=4, in_features=16, gate="sigmoid"), "gate='sigmoid'.*'headwise'"),
+    (dict(num_heads=4, in_features=16, dtype="int8"), "dtype"),
+    (dict(num_heads=4, in_features=16, window=0), "window"),
+    (dict(num_heads=4, in_features=16, head_dim=3, rope_theta=1e4), "even head_dim"),
+    (dict(num_heads=4, in_features=16, mask="causal"), "mask"),
+    (dict(num_heads=4, in_features=16, impl=3), "impl"),
+])
+def test_bad_configuration_raises(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    MultiHeadAttention(rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_decode_requires_causal():
+  m = build(MultiHeadAttention, 2, C, causal=False)
+  with pytest.raises(ValueError, match="causal"):
+    m.init_cache(1, 4)
