@@ -21,7 +21,7 @@ _BACKENDS: dict[str, base.Backend] = {}
 
 # impl="auto" on CPU: dense XLA while the [Tq, Tk] logits are small, the chunked backend beyond.
 # The crossover comes from experiments/bench_attention.py (see BENCHMARKS.md).
-AUTO_DENSE_MAX_ENTRIES = 1024 * 1024
+AUTO_DENSE_MAX_ENTRIES = 512 * 512
 
 
 def register_backend(name: str, backend: base.Backend) -> None:
@@ -115,8 +115,13 @@ def build_problem(q, k, v, *, mask=None, score_mod=None, bias=None, sinks=None,
     raise ValueError(f"the number of query heads ({Hq}) must be a multiple of the number of "
                      f"key/value heads ({Hkv}) (GQA/MQA)")
 
+  q_positions = _positions("q_positions", q_positions, B, Tq)
+  kv_positions = _positions("kv_positions", kv_positions, B, Tk)
   mask = masks_lib.as_mask(mask)
-  mask.validate(Tq, Tk, Hq)
+  if q_positions is None and kv_positions is None:
+    mask.validate(Tq, Tk, Hq)
+  else:  # explicit positions: lengths are local (a shard, a cache); check heads only
+    mask.validate(None, None, Hq)
   mod = scores_lib.as_score_mod(score_mod)
 
   has_bias = bias is not None
@@ -159,9 +164,6 @@ def build_problem(q, k, v, *, mask=None, score_mod=None, bias=None, sinks=None,
     raise ValueError(f"scale must be finite, got {scale}")
   if not isinstance(return_lse, (bool, np.bool_)):
     raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-
-  q_positions = _positions("q_positions", q_positions, B, Tq)
-  kv_positions = _positions("kv_positions", kv_positions, B, Tk)
 
   return base.Problem(q=q, k=k, v=v, mask=mask, score_mod=mod, sinks=sinks,
                       q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,

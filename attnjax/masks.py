@@ -92,8 +92,10 @@ class Mask:
     return np.asarray(self._eval(np, q, k, h), dtype=bool)
 
   # ----------------------------------------------------------------------------- validation
-  def validate(self, q_len: int, kv_len: int, num_heads: int) -> None:
-    """Raise ``ValueError`` if the mask cannot be applied to this problem."""
+  def validate(self, q_len: int | None, kv_len: int | None, num_heads: int) -> None:
+    """Raise ``ValueError`` if the mask cannot be applied to this problem. ``q_len``/``kv_len``
+    are None when the caller gives explicit positions (e.g. one shard of a longer sequence):
+    then only head-count constraints are checked."""
 
   # ----------------------------------------------------------------------------- block maps
   def block_map(self, q_len: int, kv_len: int, block_q: int, block_kv: int, *,
@@ -628,6 +630,8 @@ class Neighborhood(Mask):
 
   def validate(self, q_len, kv_len, num_heads):
     t = math.prod(self.spatial_shape)
+    if q_len is None and kv_len is None:
+      return
     if q_len != t or kv_len != t:
       raise ValueError(
           f"neighborhood mask over spatial_shape={self.spatial_shape} covers {t} tokens, but the "
@@ -748,6 +752,8 @@ class Dense(Mask):
     return inside & arr[xp.clip(row, 0, tq - 1), xp.clip(k, 0, tk - 1)]
 
   def validate(self, q_len, kv_len, num_heads):
+    if q_len is None and kv_len is None:
+      return
     if self.array.shape != (q_len, kv_len):
       raise ValueError(f"dense mask has shape {self.array.shape} but the problem is "
                        f"[Tq, Tk] = [{q_len}, {kv_len}]; they must match")

@@ -141,6 +141,15 @@ def _pair_lists(cfg: _Config):
   return lists
 
 
+def _varying_like(x, ref):
+  """Inside ``shard_map`` (with ``check_vma``) mark a fresh array as varying over the same mesh
+  axes as ``ref``, so scan carries built from constants type-check against the loop body."""
+  vma = getattr(jax.typeof(ref), "vma", None)
+  if vma:
+    return jax.lax.pcast(x, tuple(vma), to="varying")
+  return x
+
+
 def _prescale(q, cfg: _Config):
   return (q.astype(f32) * cfg.scale).astype(q.dtype)
 
@@ -192,7 +201,7 @@ def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
       return (upd(m, m_t, i, 0), upd(l, l_t, i, 0), upd(acc, a_t, i, 0)), None
     return step
 
-  carry = (m0, l0, a0)
+  carry = jax.tree.map(lambda x: _varying_like(x, q), (m0, l0, a0))
   for pairs, masked in _pair_lists(cfg):
     carry, _ = jax.lax.scan(make_step(masked), carry, jnp.asarray(pairs, jnp.int32))
   m, l, acc = carry
@@ -282,8 +291,9 @@ def _backward(cfg: _Config, res, g_out, g_lse):
       return (dq, dk, dv, dparams), None
     return step
 
-  carry = (jnp.zeros(qb.shape, f32), jnp.zeros(kb.shape, f32),
-           jnp.zeros(vb.shape, f32), dparams0)
+  carry = jax.tree.map(lambda x: _varying_like(x, q),
+                       (jnp.zeros(qb.shape, f32), jnp.zeros(kb.shape, f32),
+                        jnp.zeros(vb.shape, f32), dparams0))
   for pairs, masked in _pair_lists(cfg):
     carry, _ = jax.lax.scan(make_step(masked), carry, jnp.asarray(pairs, jnp.int32))
   dq, dk, dv, dparams = carry
