@@ -1,0 +1,119 @@
+"""Pieces shared by the strategies: axis queries, layouts, per-branch local attention calls."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax import api
+from attnjax import masks as masks_lib
+from attnjax.parallel import balance
+from attnjax.parallel import plan as plan_lib
+
+f32 = jnp.float32
+
+
+def axis_size(axis) -> int:
+  """Size of a bound mesh axis (inside ``shard_map``), with an error naming the axis."""
+  try:
+    return int(jax.lax.axis_size(axis))
+  except (NameError, KeyError, ValueError) as e:
+    raise ValueError(f"axis {axis!r} is not a mesh axis bound here: call inside shard_map over "
+                     f"a mesh with that axis, or pass mesh= to context_parallel_attention "
+                     f"({e})") from None
+
+
+def layout_positions(seq_len: int, num_shards: int, load_balance, positions) -> np.ndarray:
+  """Global positions ``[seq_len]`` of the tokens in the order they are laid out."""
+  if positions is not None:
+    if load_balance not in (None, "contiguous"):
+      raise ValueError("pass either load_balance= or positions=, not both")
+    if isinstance(positions, jax.core.Tracer):
+      raise TypeError("positions must be static (a numpy array or list of ints) so that masks "
+                      "can be planned at trace time; got a traced array")
+    positions = np.asarray(positions)
+    if positions.shape != (seq_len,) or not np.issubdtype(positions.dtype, np.integer):
+      raise ValueError(f"positions must be integers of shape [seq_len] = [{seq_len}], got "
+                       f"{positions.dtype}{list(positions.shape)}")
+    return positions.astype(np.int64)
+  return balance.load_balance_permutation(seq_len, num_shards, load_balance)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalCall:
+  """Static arguments of every per-shard :func:`attnjax.attention` call."""
+  mask: masks_lib.Mask
+  scale: float | None
+  impl: Any
+
+
+def run_branch(call: LocalCall, branch: plan_lib.Branch, q, k, v, qseg, kvseg, q_pos, kv_pos,
+               sinks=None):
+  """Local attention for one plan branch, returning ``(out, lse)`` (lse float32).
+
+  ``q_pos``/``kv_pos`` are the traced positions of this device (used by TRACED branches only).
+  With ``sinks`` the result includes the sink (all-gather / Ulysses); the ring passes none."""
+  B, Tq, Hq, _ = q.shape
+  if branch.kind == plan_lib.EMPTY:
+    out = jnp.zeros((B, Tq, Hq, v.shape[-1]), q.dtype)
+    if sinks is None:
+      lse = jnp.full((B, Tq, Hq), -jnp.inf, f32)
+    else:
+      lse = jnp.broadcast_to(sinks.astype(f32)[None, None, :], (B, Tq, Hq))
+    return out, lse
+  kw = dict(scale=call.scale, impl=call.impl, return_lse=True, sinks=sinks)
+  if qseg is not None:
+    kw.update(segment_ids=qseg, kv_segment_ids=kvseg)
+  if branch.kind == plan_lib.FULL:
+    return api.attention(q, k, v, mask=None, **kw)
+  if branch.kind == plan_lib.STATIC:
+    return api.attention(q, k, v, mask=call.mask, q_positions=branch.q_pos,
+                         kv_positions=branch.kv_pos, **kw)
+  return api.attention(q, k, v, mask=call.mask, q_positions=q_pos, kv_positions=kv_pos, **kw)
+
+
+def _vma(x) -> frozenset:
+  """Mesh axes along which ``x`` varies inside ``shard_map`` (empty when untyped)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)   # jax >= 0.10
+  if mat is not None:
+    return frozenset(getattr(mat, "varying", ()))
+  return frozenset(getattr(aval, "vma", ()))      # older jax
+
+
+def _cast_varying(tree, axes: frozenset):
+  """Mark every leaf of ``tree`` as varying over ``axes`` (``shard_map`` vma typing), so the
+  branches of a ``lax.switch`` agree on their output types."""
+  def one(x):
+    missing = tuple(sorted(axes - _vma(x), key=str))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+  return jax.tree.map(one, tree)
+
+
+def varying_axes(*trees) -> frozenset:
+  """Union of the mesh axes along which any leaf of ``trees`` varies."""
+  return frozenset().union(*(_vma(x) for x in jax.tree.leaves(trees)))
+
+
+def cast_varying(tree, *like):
+  """``tree`` marked varying over every axis along which anything in ``like`` varies (initial
+  values of loop carries that become device-dependent)."""
+  return _cast_varying(tree, varying_axes(*like))
+
+
+def dispatch(branches, branch_index, fn, *operands):
+  """Run ``fn(branch, *operands)`` for ``branches[branch_index]`` (a traced per-device index)
+  with ``lax.switch``; only that branch executes on the device."""
+  if len(branches) == 1:
+    return fn(branches[0], *operands)
+  axes = frozenset().union(*(_vma(x) for x in jax.tree.leaves(operands)), _vma(branch_index))
+  fns = [lambda *ops, b=b: _cast_varying(fn(b, *ops), axes) for b in branches]
+  return jax.lax.switch(branch_index, fns, *operands)
+
+
+def needs_positions(schedule: plan_lib.Schedule) -> bool:
+  return any(b.kind == plan_lib.TRACED for b in schedule.branches)
