@@ -112,8 +112,8 @@ def context_parallel_attention(q, k, v, *, mesh=None, axis="sp", strategy: str =
     ulysses_axis: the head all-to-all axis of ``"usp"``.
     batch_axis: mesh axis (or tuple) the batch dimension is sharded over (e.g. ``"data"``);
       ``None`` replicates the batch over the mesh axes not used for the sequence.
-    mask: any static :mod:`attnjax.masks` mask (per-head masks: not with ``"usp"``), evaluated
-      at global token positions.
+    mask: any static :mod:`attnjax.masks` mask (per-head masks included, at global query-head
+      indices), evaluated at global token positions.
     segment_ids: ``[B, T]`` int segment ids (packed documents), in layout order.
     sinks: ``[Hq]`` float sink logits.
     scale: softmax scale, default ``1/sqrt(D)``.

@@ -49,6 +49,23 @@ class LocalCall:
   mask: masks_lib.Mask
   scale: float | None
   impl: Any
+  # USP: the devices along ``head_axis`` hold query heads ``d * heads_per_device ...`` (after the
+  # Ulysses all-to-all); a per-head mask is evaluated at those global head indices.
+  head_axis: Any = None
+  heads_per_device: int = 0
+
+
+def per_head_dispatch(mask, axis, heads_per_device: int, fn, *operands):
+  """``fn(mask_d, *operands)`` on a device that holds the contiguous query heads
+  ``d * heads_per_device ...`` where ``d`` is its index along mesh ``axis`` (Ulysses / USP):
+  a per-head ``mask`` becomes :class:`attnjax.parallel.plan.HeadOffsetMask` with offset
+  ``d * heads_per_device`` (one static mask per ``d``, picked with ``lax.switch``). Other masks,
+  or ``axis=None``, call ``fn(mask, *operands)``. ``fn`` must not run collectives."""
+  if axis is None or not mask.per_head:
+    return fn(mask, *operands)
+  inner = mask.inner if isinstance(mask, plan_lib.GlobalPositionMask) else mask
+  masks = [plan_lib.HeadOffsetMask(inner, d * heads_per_device) for d in range(axis_size(axis))]
+  return dispatch(masks, jax.lax.axis_index(axis), fn, *operands)
 
 
 def run_branch(call: LocalCall, branch: plan_lib.Branch, q, k, v, qseg, kvseg, q_pos, kv_pos,
@@ -70,10 +87,18 @@ def run_branch(call: LocalCall, branch: plan_lib.Branch, q, k, v, qseg, kvseg, q
     kw.update(segment_ids=qseg, kv_segment_ids=kvseg)
   if branch.kind == plan_lib.FULL:
     return api.attention(q, k, v, mask=None, **kw)
-  if branch.kind == plan_lib.STATIC:
-    return api.attention(q, k, v, mask=call.mask, q_positions=branch.q_pos,
-                         kv_positions=branch.kv_pos, **kw)
-  return api.attention(q, k, v, mask=call.mask, q_positions=q_pos, kv_positions=kv_pos, **kw)
+
+  def masked(mask, q, k, v, qseg, kvseg, q_pos, kv_pos, sinks):
+    kw = dict(scale=call.scale, impl=call.impl, return_lse=True, sinks=sinks)
+    if qseg is not None:
+      kw.update(segment_ids=qseg, kv_segment_ids=kvseg)
+    if branch.kind == plan_lib.STATIC:
+      return api.attention(q, k, v, mask=mask, q_positions=branch.q_pos,
+                           kv_positions=branch.kv_pos, **kw)
+    return api.attention(q, k, v, mask=mask, q_positions=q_pos, kv_positions=kv_pos, **kw)
+
+  return per_head_dispatch(call.mask, call.head_axis, call.heads_per_device, masked, q, k, v,
+                           qseg, kvseg, q_pos, kv_pos, sinks)
 
 
 def _vma(x) -> frozenset:

@@ -18,11 +18,15 @@ USP semantics: Ulysses over ``ulysses_axis`` (size ``u``), then ring attention
 sequence-gathered blocks, then the inverse all-to-all. The sequence is sharded over the pair of
 axes ring-major (``PartitionSpec(..., (ring_axis, ulysses_axis))``), so each ring rank owns a
 contiguous slice of the laid-out sequence; the load-balancing layout is over the ``n_r`` ring
-ranks. Ulysses' head split bounds its degree by the head count, the ring's bandwidth limits its
-own degree; USP combines the two.
+ranks. Per-head masks are evaluated at global query-head indices (the ring's local calls use the
+same head offset as Ulysses; its static plan classifies visibility over all heads). Ulysses'
+head split bounds its degree by the head count, the ring's bandwidth limits its own degree; USP
+combines the two.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -99,12 +103,7 @@ def ulysses_core(q, k, v, qseg, sinks, *, axis, layout: np.ndarray, call: common
   def run(mask, qh, kh, vh, local_sinks):
     return api.attention(qh, kh, vh, mask=mask, sinks=local_sinks, **kw)
 
-  if call.mask.per_head:
-    inner = call.mask.inner if isinstance(call.mask, plan_lib.GlobalPositionMask) else call.mask
-    fns = [lambda *ops, d=d: run(plan_lib.HeadOffsetMask(inner, d * hl), *ops) for d in range(n)]
-    out, lse = jax.lax.switch(jax.lax.axis_index(axis), fns, qh, kh, vh, local_sinks)
-  else:
-    out, lse = run(call.mask, qh, kh, vh, local_sinks)
+  out, lse = common.per_head_dispatch(call.mask, axis, hl, run, qh, kh, vh, local_sinks)
   if reorder:
     out, lse = jnp.take(out, layout, axis=1), jnp.take(lse, layout, axis=1)
   return heads_to_seq(out, axis), heads_to_seq(lse, axis)
@@ -117,17 +116,22 @@ def usp_core(q, k, v, qseg, sinks, *, ring_axis, ulysses_axis, layout: np.ndarra
   nr = common.axis_size(ring_axis)
   B, L, Hq, _ = q.shape
   check_heads(Hq, k.shape[2], u, ulysses_axis)
-  if call.mask.per_head:
-    raise NotImplementedError("usp does not support per-head masks (the ring's static plan "
-                              "would differ per Ulysses head group); use ring or ulysses")
   hl = Hq // u
+  num_heads = hl
+  if call.mask.per_head:
+    # Device d along ulysses_axis holds global query heads d*hl ...: the ring's local calls
+    # evaluate the mask there (common.per_head_dispatch), and its static plan -- shared by all
+    # head groups, as the ring schedule is indexed by ring rank only -- classifies every
+    # sub-problem over all Hq global heads, which is exact for each group.
+    call = dataclasses.replace(call, head_axis=ulysses_axis, heads_per_device=hl)
+    num_heads = Hq
   qh = seq_to_heads(q, ulysses_axis)
   kh, vh = _kv_to_heads(k, ulysses_axis, u), _kv_to_heads(v, ulysses_axis, u)
   seg = None if qseg is None else jax.lax.all_gather(qseg, ulysses_axis, axis=1, tiled=True)
   table = balance.shard_position_table(layout, nr)  # [n_r, u * L], ring-major sharding
   o, lse = ring_lib.ring_core(qh, kh, vh, seg, seg, axis=ring_axis, q_table=table,
                               kv_table=table, call=call, max_branches=max_branches,
-                              num_heads=hl)
+                              num_heads=num_heads)
   local_sinks = _local_sinks(sinks, ulysses_axis, hl)
   if local_sinks is not None:
     o, lse = merge_lib.apply_sinks(o, lse, local_sinks)

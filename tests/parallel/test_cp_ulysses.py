@@ -41,6 +41,30 @@ USP = {
     "neighborhood-u2r4": dict(mesh_shape=(2, 4), mesh_axes=("u", "r"), axis="r",
                               ulysses_axis="u", mask=M.neighborhood((8, 8), (5, 3), dilation=(1, 2)),
                               B=1),
+    # Per-head masks (mask_mod takes the GLOBAL query-head index): after the all-to-all each
+    # device holds a contiguous group of heads, and the ring must evaluate the mask there.
+    # (head offsets d * H/u must not be multiples of the stride, or a wrong offset goes unseen)
+    "strided-heads-u4r2-gqa": dict(mesh_shape=(4, 2), mesh_axes=("u", "r"), axis="r",
+                                   ulysses_axis="u", mask=M.strided_heads(2, 1), Hkv=2),
+    "strided-heads-causal-zigzag-u4r2-gqa": dict(
+        mesh_shape=(4, 2), mesh_axes=("u", "r"), axis="r", ulysses_axis="u",
+        mask=M.causal() & M.strided_heads(2, 1), load_balance="zigzag", Hkv=2, sinks=True),
+    "strided3-heads-causal-zigzag-data-u2r2-gqa": dict(
+        mesh_shape=(2, 2, 2), mesh_axes=("data", "u", "r"), axis="r", ulysses_axis="u",
+        batch_axis="data", mask=M.causal() & M.strided_heads(3, 2), load_balance="zigzag",
+        Hq=8, Hkv=2),
+    "per-head-stack-data-u2r2-gqa": dict(
+        mesh_shape=(2, 2, 2), mesh_axes=("data", "u", "r"), axis="r", ulysses_axis="u",
+        batch_axis="data", mask=[M.causal(), M.sliding_window(5), M.full(),
+                                 M.causal() & M.chunked(8)], Hkv=2),
+    "per-head-stack-zigzag-u2r4-gqa": dict(
+        mesh_shape=(2, 4), mesh_axes=("u", "r"), axis="r", ulysses_axis="u",
+        mask=[M.causal(), M.sliding_window(5), M.causal() & M.strided_heads(2, 1),
+              M.causal() & M.chunked(8)], load_balance="zigzag", Hkv=2, segments=True),
+    "per-head-stack-zigzag-u4r2-mqa": dict(
+        mesh_shape=(4, 2), mesh_axes=("u", "r"), axis="r", ulysses_axis="u",
+        mask=[M.causal(), M.sliding_window(3), M.causal() & M.chunked(8), M.full()],
+        load_balance="zigzag", Hkv=1),
 }
 
 
