@@ -17,7 +17,6 @@ its own pair list.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax

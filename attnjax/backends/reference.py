@@ -21,7 +21,7 @@ class ReferenceBackend(base.Backend):
     dt = _compute_dtype()
     hi = jax.lax.Precision.HIGHEST
     B, Tq, Hq, _ = p.q.shape
-    Tk, Hkv = p.k.shape[1], p.k.shape[2]
+    Hkv = p.k.shape[2]
     group = Hq // Hkv
     q = p.q.astype(dt)
     k = jnp.repeat(p.k.astype(dt), group, axis=2)  # query head h uses kv head h // group

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import attnjax as aj
-from attnjax import masks as M
+from attnjax.backends import base
 from attnjax.backends.chunked import ChunkedBackend
 from attnjax.backends.xla import XlaBackend
 
@@ -154,7 +154,6 @@ def golden(case: Case, inputs):
 
 def naive_same_dtype(case: Case, inputs, dtype):
   """A straightforward materialized computation carried out in ``dtype`` throughout."""
-  (q, k, v), diff, static, mod_params, (cot, cot_lse) = inputs
   return run(_NaiveBackend(dtype), case, dtype, inputs)
 
 
@@ -173,7 +172,6 @@ class _NaiveBackend(aj.Backend):
     v = jnp.repeat(p.v, G, axis=2).astype(dt)
     s = jnp.einsum("bqhd,bkhd->bhqk", p.q.astype(dt), k) * jnp.asarray(p.scale, dt)
     q_pos, kv_pos = p.positions()
-    from attnjax.backends import base
     heads = np.arange(Hq)
     if p.score_mod is not None:
       b, h, qi, kj = base.index_grids(p, q_pos, kv_pos, heads)
@@ -244,8 +242,3 @@ def check_all(case: Case, dtype: str = "float32", backends=None, needs=()):
       failures.append(f"[{name}] {e}")
   assert ran, "no backend under test supports this case"
   assert not failures, "\n".join(failures)
-
-
-def supports(impl, **features) -> bool:
-  caps = impl.capabilities
-  return all(getattr(caps, f) for f, needed in features.items() if needed)

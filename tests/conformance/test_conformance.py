@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import attnjax as aj
 from attnjax import masks as M, scores as S
 
-import harness
 from harness import BACKENDS, check_all, check_case
 from harness import case as Case
 
