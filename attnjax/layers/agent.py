@@ -16,7 +16,9 @@ from flax import nnx
 
 import attnjax
 from attnjax.layers.spatial_reduction import adaptive_avg_pool
-from attnjax.layers.window import as_tuple, check_dim_heads, check_fits, to_grid
+from attnjax.layers import common
+from attnjax.layers.window import (as_tuple, check_dim_heads, check_fits, conv, layer_norm,
+                                    linear, to_grid)
 
 
 def _bilinear(x: jax.Array, size) -> jax.Array:
@@ -56,6 +58,12 @@ class AgentAttention(nnx.Module):
   and ``[1, heads, N, n]``, linear in N), so the cost is ``O(N n d)``. Non-causal only: the
   agents pool over all queries. ``agent_num`` is a perfect square ``p*p`` (the paper's
   ``AdaptiveAvgPool2d(p)``) or a tuple ``(ph, pw)``; it must fit in the grid.
+
+  Sharding (``attnjax.layers.common.AXIS_RULES``): ``q`` kernel ``("embed", "heads")``,
+  ``proj`` kernel ``("heads", "embed")`` and the head axis of the six position-bias tensors go
+  to the ``"tensor"`` mesh axis. The fused ``kv`` kernel ``[dim, 2*dim]`` (output ordered
+  ``(2, heads, head_dim)``) is left replicated (an even split of its fused axis is not
+  head-aligned), as are the convs (``sr``, ``dwc``) and the norm.
   """
 
   def __init__(self, dim: int, num_heads: int, *, agent_num=49, grid_size=None,
@@ -85,16 +93,16 @@ class AgentAttention(nnx.Module):
     self.scale = float(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
     self.impl = impl
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q = nnx.Linear(dim, dim, use_bias=qkv_bias, **kw)
-    self.kv = nnx.Linear(dim, 2 * dim, use_bias=qkv_bias, **kw)
-    self.proj = nnx.Linear(dim, dim, **kw)
+    self.q = linear(dim, dim, "embed", "heads", use_bias=qkv_bias, **kw)
+    self.kv = linear(dim, 2 * dim, "embed", None, use_bias=qkv_bias, **kw)
+    self.proj = linear(dim, dim, "heads", "embed", **kw)
     if self.sr_ratio > 1:
       r = self.sr_ratio
-      self.sr = nnx.Conv(dim, dim, kernel_size=(r, r), strides=(r, r), padding="VALID", **kw)
-      self.norm = nnx.LayerNorm(dim, epsilon=1e-5, **kw)
+      self.sr = conv(dim, dim, kernel_size=(r, r), strides=(r, r), padding="VALID", **kw)
+      self.norm = layer_norm(dim, epsilon=1e-5, **kw)
     else:
       self.sr = self.norm = None
-    self.dwc = nnx.Conv(dim, dim, kernel_size=(dwc_kernel, dwc_kernel), padding="SAME",
+    self.dwc = conv(dim, dim, kernel_size=(dwc_kernel, dwc_kernel), padding="SAME",
                         feature_group_count=dim, **kw)
     self.grid_size = None
     self.position_bias = bool(position_bias)
@@ -109,7 +117,8 @@ class AgentAttention(nnx.Module):
       if kh < 1 or kw_ < 1:
         raise ValueError(f"{name}: sr_ratio={sr_ratio} is larger than grid_size="
                          f"{self.grid_size}; sr_ratio must be <= the grid size on every axis")
-      init = jax.nn.initializers.truncated_normal(stddev=0.02)
+      init = common.partitioned(jax.nn.initializers.truncated_normal(stddev=0.02), "heads",
+                                None, None, None)
       nh, n, t = num_heads, self.agent_num, int(bias_table_size)
       key = rngs.params
       self.an_bias = nnx.Param(init(key(), (nh, n, t, t), param_dtype))

@@ -14,7 +14,8 @@ from flax import nnx
 
 import attnjax
 from attnjax import scores as scores_lib
-from attnjax.layers.window import as_tuple, check_dim_heads, to_grid
+from attnjax.layers import common
+from attnjax.layers.window import as_tuple, check_dim_heads, conv, linear, to_grid
 
 
 def abs_offset_bias_score_mod(table: jax.Array, grid, resolution) -> scores_lib.ScoreMod:
@@ -60,6 +61,11 @@ class CascadedGroupAttention(nnx.Module):
   one-head ``attnjax.attention`` call with its bias as a score mod).
   EfficientViT applies CGA inside ``LocalWindowAttention`` windows; this module is the
   attention on one grid (use it per window).
+
+  Sharding (``attnjax.layers.common.AXIS_RULES``): the ``proj`` kernel's input axis (the
+  head-major concatenation of the ``o_j``) and the head axis of ``attention_biases`` are
+  ``"heads"`` (mesh axis ``"tensor"``). Each head's own ``qkvs[j]`` / ``dws[j]`` parameters have
+  no head axis and are replicated.
   """
 
   def __init__(self, dim: int, num_heads: int, *, key_dim: int = 16, kernels=5,
@@ -82,16 +88,18 @@ class CascadedGroupAttention(nnx.Module):
     self.scale = self.key_dim ** -0.5
     self.impl = impl
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkvs = nnx.List([nnx.Linear(self.split, 2 * self.key_dim + self.split, **kw)
+    self.qkvs = nnx.List([linear(self.split, 2 * self.key_dim + self.split, None, None, **kw)
                           for _ in range(num_heads)])
-    self.dws = nnx.List([nnx.Conv(self.key_dim, self.key_dim, kernel_size=(kk, kk),
-                                  padding="SAME", feature_group_count=self.key_dim, **kw)
+    self.dws = nnx.List([conv(self.key_dim, self.key_dim, kernel_size=(kk, kk),
+                              padding="SAME", feature_group_count=self.key_dim, **kw)
                          for kk in self.kernels])
-    self.proj = nnx.Linear(dim, dim, **kw)
+    self.proj = linear(dim, dim, "heads", "embed", **kw)
     if resolution is not None:
       self.resolution = as_tuple(name, "resolution", resolution, 2)
+      init = common.partitioned(nnx.initializers.zeros_init(), "heads", None)
       self.attention_biases = nnx.Param(
-          jnp.zeros((num_heads, self.resolution[0] * self.resolution[1]), param_dtype))
+          init(jax.random.key(0), (num_heads, self.resolution[0] * self.resolution[1]),
+               param_dtype))
     else:
       self.resolution = None
       self.attention_biases = None

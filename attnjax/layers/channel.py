@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import attnjax
-from attnjax.layers.window import check_dim_heads
+from attnjax.layers.window import check_dim_heads, linear
 
 
 class ChannelAttention(nnx.Module):
@@ -38,6 +38,11 @@ class ChannelAttention(nnx.Module):
   ``softmax(s k^T v)`` applied to ``q``; that is this formula with the three blocks of
   ``W_qkv`` permuted (their ``k, v, q`` are our ``Q, K, V``), which matters only when loading
   DaViT checkpoints.
+
+  Sharding (``attnjax.layers.common.AXIS_RULES``): the ``proj`` kernel's input axis (channel
+  groups, group-major) is ``"heads"`` (mesh axis ``"tensor"``). The fused ``qkv`` kernel
+  ``[dim, 3*dim]`` (output ordered ``(3, groups, C_g)``) is left replicated: an even split of
+  its fused axis is not group-aligned.
   """
 
   def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = False,
@@ -47,8 +52,8 @@ class ChannelAttention(nnx.Module):
     self.scale = self.group_dim ** -0.5
     self.impl = impl
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, **kw)
-    self.proj = nnx.Linear(dim, dim, **kw)
+    self.qkv = linear(dim, 3 * dim, "embed", None, use_bias=qkv_bias, **kw)
+    self.proj = linear(dim, dim, "heads", "embed", **kw)
 
   def __call__(self, x: jax.Array, grid_size=None) -> jax.Array:
     name = type(self).__name__

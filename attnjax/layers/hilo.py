@@ -14,7 +14,8 @@ from flax import nnx
 
 import attnjax
 from attnjax.layers.spatial_reduction import avg_pool_matrix, pool_grid
-from attnjax.layers.window import check_dim_heads, check_fits, to_grid, windowed_attention
+from attnjax.layers.window import (check_dim_heads, check_fits, linear, to_grid,
+                                   windowed_attention)
 
 
 class HiLoAttention(nnx.Module):
@@ -44,6 +45,12 @@ class HiLoAttention(nnx.Module):
 
   Both branches call ``attnjax.attention``: Hi-Fi on the partitioned windows (each window a
   batch element; padding as segment ids), Lo-Fi with ``Tk = ceil(H/s) ceil(W/s)``.
+
+  Sharding: all parameters are annotated replicated (through
+  ``attnjax.layers.common.partitioned``). Each branch holds only ``l`` or ``num_heads - l``
+  heads, and a device count dividing ``num_heads`` need not divide those (e.g. 4 heads,
+  ``alpha=0.5``, 4 devices), so no branch kernel is sharded by heads; the fused ``h_qkv`` /
+  ``l_kv`` kernels are in addition not head-aligned along their fused axis.
   """
 
   def __init__(self, dim: int, num_heads: int, *, window_size: int = 2, alpha: float = 0.5,
@@ -68,14 +75,14 @@ class HiLoAttention(nnx.Module):
     self.impl = impl
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if self.l_heads > 0:
-      self.l_q = nnx.Linear(dim, self.l_dim, use_bias=qkv_bias, **kw)
-      self.l_kv = nnx.Linear(dim, 2 * self.l_dim, use_bias=qkv_bias, **kw)
-      self.l_proj = nnx.Linear(self.l_dim, self.l_dim, **kw)
+      self.l_q = linear(dim, self.l_dim, "embed", None, use_bias=qkv_bias, **kw)
+      self.l_kv = linear(dim, 2 * self.l_dim, "embed", None, use_bias=qkv_bias, **kw)
+      self.l_proj = linear(self.l_dim, self.l_dim, None, "embed", **kw)
     else:
       self.l_q = self.l_kv = self.l_proj = None
     if self.h_heads > 0:
-      self.h_qkv = nnx.Linear(dim, 3 * self.h_dim, use_bias=qkv_bias, **kw)
-      self.h_proj = nnx.Linear(self.h_dim, self.h_dim, **kw)
+      self.h_qkv = linear(dim, 3 * self.h_dim, "embed", None, use_bias=qkv_bias, **kw)
+      self.h_proj = linear(self.h_dim, self.h_dim, None, "embed", **kw)
     else:
       self.h_qkv = self.h_proj = None
 

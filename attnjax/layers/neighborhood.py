@@ -25,7 +25,8 @@ from flax import nnx
 import attnjax
 from attnjax import masks as masks_lib
 from attnjax import scores as scores_lib
-from attnjax.layers.window import as_tuple, check_dim_heads, to_grid
+from attnjax.layers import common
+from attnjax.layers.window import as_tuple, check_dim_heads, linear, to_grid
 
 
 def na_rpb_score_mod(rpb: jax.Array, grid, kernel_size, dilation) -> scores_lib.ScoreMod:
@@ -85,11 +86,13 @@ class _NeighborhoodAttention(nnx.Module):
                          f"on axis {a}; allowed: 1 <= stride <= kernel_size")
     self.scale = float(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
     self.impl = impl
-    self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype,
-                          rngs=rngs)
-    self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = linear(dim, 3 * dim, "embed", None, use_bias=qkv_bias, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+    self.proj = linear(dim, dim, "heads", "embed", dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
     if rel_pos_bias:
-      init = jax.nn.initializers.truncated_normal(stddev=0.02)
+      init = common.partitioned(jax.nn.initializers.truncated_normal(stddev=0.02), "heads",
+                                *([None] * nd))
       shape = (num_heads,) + tuple(2 * k - 1 for k in self.kernel_size)
       self.rpb = nnx.Param(init(rngs.params(), shape, param_dtype))
     else:
@@ -145,6 +148,11 @@ Arguments: ``kernel_size``, ``dilation``, ``stride`` are ints or per-axis tuples
 ``stride <= kernel_size`` (``ValueError`` otherwise). ``dtype`` is the compute dtype (``None``:
 Flax promotion of input and float32 params), ``param_dtype`` the parameter dtype, ``impl`` the
 ``attnjax.attention`` backend.
+
+Sharding (``attnjax.layers.common.AXIS_RULES``): the ``proj`` kernel's input axis
+(``("heads", "embed")``) and the head axis of ``rpb`` go to the ``"tensor"`` mesh axis. The
+fused ``qkv`` kernel ``[dim, 3*dim]`` (output ordered ``(3, heads, head_dim)``) is left
+replicated: an even split of its fused axis is not head-aligned.
 """
 
 

@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 
 import attnjax
-from attnjax.layers.window import check_dim_heads, check_fits, to_grid
+from attnjax.layers import window as window_lib
+from attnjax.layers.window import check_dim_heads, check_fits, conv, layer_norm, to_grid
 
 # ----------------------------------------------------------------------------------------------
 # Pooling over grid axes, as static averaging matrices
@@ -88,6 +89,11 @@ class SpatialReductionAttention(nnx.Module):
   partial row/column of the reduction (PyTorch ``Conv2d`` semantics). LayerNorm uses
   ``eps=1e-5`` and GELU is exact (PyTorch defaults). ``sr_ratio`` or ``pool_size`` larger than
   the grid raises ``ValueError``.
+
+  Sharding (``attnjax.layers.common.AXIS_RULES``): ``q`` kernel ``("embed", "heads")`` and
+  ``proj`` kernel ``("heads", "embed")`` put heads on the ``"tensor"`` mesh axis. The fused
+  ``kv`` kernel ``[dim, 2*dim]`` (output ordered ``(2, heads, head_dim)``) is left replicated
+  (an even split of its fused axis is not head-aligned), as are the reduction conv and norm.
   """
 
   def __init__(self, dim: int, num_heads: int, *, sr_ratio: int = 1, linear: bool = False,
@@ -103,16 +109,16 @@ class SpatialReductionAttention(nnx.Module):
     self.scale = float(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
     self.impl = impl
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.q = nnx.Linear(dim, dim, use_bias=qkv_bias, **kw)
-    self.kv = nnx.Linear(dim, 2 * dim, use_bias=qkv_bias, **kw)
-    self.proj = nnx.Linear(dim, dim, **kw)
+    self.q = window_lib.linear(dim, dim, "embed", "heads", use_bias=qkv_bias, **kw)
+    self.kv = window_lib.linear(dim, 2 * dim, "embed", None, use_bias=qkv_bias, **kw)
+    self.proj = window_lib.linear(dim, dim, "heads", "embed", **kw)
     if self.linear:
-      self.sr = nnx.Conv(dim, dim, kernel_size=(1, 1), padding="VALID", **kw)
-      self.norm = nnx.LayerNorm(dim, epsilon=1e-5, **kw)
+      self.sr = conv(dim, dim, kernel_size=(1, 1), padding="VALID", **kw)
+      self.norm = layer_norm(dim, epsilon=1e-5, **kw)
     elif self.sr_ratio > 1:
       r = self.sr_ratio
-      self.sr = nnx.Conv(dim, dim, kernel_size=(r, r), strides=(r, r), padding="VALID", **kw)
-      self.norm = nnx.LayerNorm(dim, epsilon=1e-5, **kw)
+      self.sr = conv(dim, dim, kernel_size=(r, r), strides=(r, r), padding="VALID", **kw)
+      self.norm = layer_norm(dim, epsilon=1e-5, **kw)
     else:
       self.sr = None
       self.norm = None

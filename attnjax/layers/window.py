@@ -30,10 +30,44 @@ from flax import nnx
 
 import attnjax
 from attnjax import scores as scores_lib
+from attnjax.layers import common
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers for the vision layers
 # ----------------------------------------------------------------------------------------------
+
+
+# Sharding annotations of the vision layers. All go through ``common.partitioned`` (logical names
+# of ``common.AXIS_RULES``), so they are metadata only without a mesh. Conventions: a kernel axis
+# that is ``heads * head_dim`` flattened head-major (a per-head q projection's output, an output
+# projection's input) is ``"heads"``; fused ``[dim, 3*dim]`` / ``[dim, 2*dim]`` qkv / kv kernels
+# are ordered ``(3, heads, head_dim)`` so an even split of the fused axis is not head-aligned:
+# they stay replicated. Norm scales, biases of replicated outputs and conv kernels: replicated.
+
+def linear(in_features: int, out_features: int, in_axis: str | None, out_axis: str | None, *,
+           use_bias: bool = True, **kw) -> nnx.Linear:
+  """``nnx.Linear`` (same default initializers) with its kernel annotated ``(in_axis,
+  out_axis)`` and its bias ``(out_axis,)`` through :func:`attnjax.layers.common.partitioned`."""
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias,
+      kernel_init=common.partitioned(nnx.initializers.lecun_normal(), in_axis, out_axis),
+      bias_init=common.partitioned(nnx.initializers.zeros_init(), out_axis), **kw)
+
+
+def conv(in_features: int, out_features: int, kernel_size, **kw) -> nnx.Conv:
+  """``nnx.Conv`` (same default initializers) with replicated kernel/bias annotations."""
+  nd = len(tuple(kernel_size))
+  return nnx.Conv(
+      in_features, out_features, kernel_size=kernel_size,
+      kernel_init=common.partitioned(nnx.initializers.lecun_normal(), *([None] * (nd + 2))),
+      bias_init=common.partitioned(nnx.initializers.zeros_init(), None), **kw)
+
+
+def layer_norm(features: int, **kw) -> nnx.LayerNorm:
+  """``nnx.LayerNorm`` with replicated (``"norm"``) scale/bias annotations."""
+  return nnx.LayerNorm(
+      features, scale_init=common.partitioned(nnx.initializers.ones_init(), "norm"),
+      bias_init=common.partitioned(nnx.initializers.zeros_init(), "norm"), **kw)
 
 
 def check_dim_heads(layer: str, dim: int, num_heads: int) -> int:
@@ -275,6 +309,11 @@ class WindowAttention(nnx.Module):
   ``N x N`` score matrix partially filled and every backend would do ``O(N^2)`` work;
   partitioning does exactly ``#windows x (wh*ww)^2``. The shift boundary (and padding) is
   passed as segment ids, the bias as a score mod, so every backend supports it.
+
+  Sharding (``attnjax.layers.common.AXIS_RULES``): ``proj`` kernel ``("heads", "embed")`` and
+  the bias table's head axis go to the ``"tensor"`` mesh axis. The fused ``qkv`` kernel
+  ``[dim, 3*dim]`` (output ordered ``(3, heads, head_dim)``) is left replicated: an even split
+  of its fused axis is not head-aligned.
   """
 
   def __init__(self, dim: int, num_heads: int, window_size, *, shift_size=0,
@@ -291,12 +330,13 @@ class WindowAttention(nnx.Module):
                          f"window_size={self.window_size} on every axis (0 <= shift < window)")
     self.scale = float(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
     self.impl = impl
-    self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype,
-                          param_dtype=param_dtype, rngs=rngs)
-    self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = linear(dim, 3 * dim, "embed", None, use_bias=qkv_bias, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+    self.proj = linear(dim, dim, "heads", "embed", dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
     if rel_pos_bias:
       wh, ww = self.window_size
-      init = jax.nn.initializers.truncated_normal(stddev=0.02)
+      init = common.partitioned(jax.nn.initializers.truncated_normal(stddev=0.02), None, "heads")
       self.relative_position_bias_table = nnx.Param(
           init(rngs.params(), ((2 * wh - 1) * (2 * ww - 1), num_heads), param_dtype))
     else:

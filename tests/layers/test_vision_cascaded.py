@@ -2,7 +2,6 @@
 splits, cascade x~_j = x_j + o_{j-1}, depthwise conv on Q, absolute-offset attention biases,
 ReLU + projection."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,33 +9,9 @@ from flax import nnx
 
 from attnjax.backends.chunked import ChunkedBackend
 from attnjax.layers.cascaded import CascadedGroupAttention
+from vision_helpers import P, linear, randn, rngs, softmax
 
 DIM = 16
-
-
-def rngs(seed):
-  """Parameter RNG; the rbg PRNG compiles much faster than threefry on CPU."""
-  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
-
-
-def randn(seed, shape):
-  """Fresh standard-normal float32 input (numpy RNG: no per-shape compilation)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def P(v):
-  return np.asarray(v[...], np.float64)
-
-
-def linear(x, lin):
-  y = x @ P(lin.kernel)
-  return y + P(lin.bias) if lin.bias is not None else y
-
-
-def softmax(s):
-  s = s - s.max(-1, keepdims=True)
-  e = np.exp(s)
-  return e / e.sum(-1, keepdims=True)
 
 
 def depthwise_conv(x, conv):  # x [B, H, W, C], flax kernel [k, k, 1, C]

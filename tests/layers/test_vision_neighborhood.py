@@ -13,36 +13,12 @@ from flax import nnx
 from attnjax.backends.chunked import ChunkedBackend
 from attnjax.layers.neighborhood import (NeighborhoodAttention1D, NeighborhoodAttention2D,
                                          NeighborhoodAttention3D)
+from vision_helpers import P, linear, randn, rngs, softmax
 
 LAYERS = {1: NeighborhoodAttention1D, 2: NeighborhoodAttention2D, 3: NeighborhoodAttention3D}
 
 
 # --------------------------------------------------------------------------- plain references
-
-def rngs(seed):
-  """Parameter RNG; the rbg PRNG compiles much faster than threefry on CPU."""
-  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
-
-
-def randn(seed, shape):
-  """Fresh standard-normal float32 input (numpy RNG: no per-shape compilation)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def P(v):
-  return np.asarray(v[...], np.float64)
-
-
-def linear(x, lin):
-  y = x @ P(lin.kernel)
-  return y + P(lin.bias) if lin.bias is not None else y
-
-
-def softmax(s):
-  s = s - s.max(-1, keepdims=True)
-  e = np.exp(s)
-  return e / e.sum(-1, keepdims=True)
-
 
 def axis_neighbors(i, length, k, d, s, causal):
   """Set of key coordinates visible from query coordinate ``i`` on one axis (NATTEN)."""

@@ -10,33 +10,9 @@ from flax import nnx
 
 from attnjax.backends.chunked import ChunkedBackend
 from attnjax.layers.window import WindowAttention
+from vision_helpers import P, linear, randn, rngs, softmax
 
 DIM = 16
-
-
-def rngs(seed):
-  """Parameter RNG; the rbg PRNG compiles much faster than threefry on CPU."""
-  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
-
-
-def randn(seed, shape):
-  """Fresh standard-normal float32 input (numpy RNG: no per-shape compilation)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def P(v):
-  return np.asarray(v[...], np.float64)
-
-
-def linear(x, lin):
-  y = x @ P(lin.kernel)
-  return y + P(lin.bias) if lin.bias is not None else y
-
-
-def softmax(s):
-  s = s - s.max(-1, keepdims=True)
-  e = np.exp(s)
-  return e / e.sum(-1, keepdims=True)
 
 
 def rel_index(wh, ww):
@@ -195,6 +171,7 @@ def test_token_layout_jit_grad():
 
 def test_linen_bridge():
   """The layer wrapped for Flax Linen with nnx.bridge.to_linen computes the same function."""
+  from flax import linen as nn
   from flax.nnx import bridge
   model = bridge.to_linen(WindowAttention, DIM, 2, 3, shift_size=1)
   x = randn(12, (1, 6, 6, DIM))
@@ -209,7 +186,7 @@ def test_linen_bridge():
     obj = layer
     for part in path.split("."):
       obj = getattr(obj, part)
-    obj[...] = jnp.asarray(value)
+    obj[...] = jnp.asarray(nn.meta.unbox(value))
   np.testing.assert_allclose(np.asarray(out), dense_reference(layer, np.asarray(x, np.float64),
                                                               (3, 3), (1, 1)),
                              rtol=1e-4, atol=2e-5)
