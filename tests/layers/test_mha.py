@@ -159,6 +159,18 @@ def test_incremental_decoding_matches_parallel(cfg):
     assert cache.capacity == m.window
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_incremental_decoding_with_chunked_backend(window):
+  """Decoding through the chunked backend (small tiles, traced per-example positions, so every
+  tile is masked at run time) equals the parallel forward too."""
+  from attnjax.backends.chunked import ChunkedBackend
+  m = build(MultiHeadAttention, in_features=C, num_heads=4, num_kv_heads=2, causal=True,
+            window=window, rope_theta=100.0, sinks=True,
+            impl=ChunkedBackend(block_q=4, block_kv=4))
+  x = rand(14, (2, 10, C))
+  check_incremental(m, x, prompt_lens=[5, 3], steps=[1, 3])
+
+
 def test_causal_cross_attention_decoding():
   m = build(MultiHeadAttention, 4, C, num_kv_heads=2, causal=True, rope_theta=100.0)
   x, mem = rand(14, (2, 5, C)), rand(15, (2, 9, C))
