@@ -39,8 +39,8 @@ def rel_rms(x, ref) -> float:
   finite = np.isfinite(ref)
   if not np.array_equal(np.isfinite(x), finite):
     return math.inf
-  d = np.where(finite, x - ref, 0.0)
   r = np.where(finite, ref, 0.0)
+  d = np.where(finite, x, 0.0) - r  # -inf entries (rows that see nothing) agree: excluded
   return float(np.sqrt(np.mean(d ** 2)) / max(np.sqrt(np.mean(r ** 2)), 1e-30))
 
 
