@@ -32,10 +32,13 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
-  """Which axes of a param follow the query rows, key rows and query heads (None = not tiled)."""
+  """Which axes of a param follow the query rows, key rows, query heads and batch (None = not
+  tiled). Backends whose tiles span the whole batch (xla, chunked) ignore ``batch_axis``; the
+  Pallas kernels, whose tiles hold one example, cut it."""
   q_axis: int | None = None
   kv_axis: int | None = None
   head_axis: int | None = None
+  batch_axis: int | None = None
 
 
 GLOBAL = Tiling()
@@ -141,6 +144,20 @@ class ScoreMod:
       cur = jax.lax.dynamic_slice(a, starts, c.shape)
       return jax.lax.dynamic_update_slice(a, cur + c, starts)
     return jax.tree.map(add, self.tiling, acc, ct, is_leaf=_is_tiling)
+
+
+def table_bias(table, index, q_idx, kv_idx):
+  """Gather a per-head bias table at position-derived buckets, keeping the batch axis.
+
+  ``table`` is ``[Hs, n]`` (the tile's heads) or ``[n]`` (shared); ``index`` an int array
+  broadcastable against ``q_idx``/``kv_idx`` (``[Bp, 1, bq, 1]`` and ``[Bp, 1, 1, bk]``, ``Bp``
+  1 or the batch when positions differ per example). Returns ``[Bp, Hs, bq, bk]`` (or
+  ``[Bp, 1, bq, bk]``) ready to add to the tile's scores."""
+  idx = jnp.broadcast_to(index, jnp.broadcast_shapes(jnp.shape(q_idx), jnp.shape(kv_idx)))
+  idx = idx[:, 0]                                  # [Bp, bq, bk]
+  if table.ndim == 1:
+    return jnp.take(table, idx, axis=0)[:, None]
+  return jnp.moveaxis(jnp.take(table, idx, axis=1), 0, 1)
 
 
 def _as_float_param(name, x, ndim_allowed):
@@ -259,12 +276,7 @@ def relative_bias(table, max_distance: int, *, mode: str = "clipped",
     else:
       bucket = t5_relative_bucket(rel, bidirectional=bidirectional, num_buckets=nb,
                                   max_distance=md)
-    bucket = bucket[0, 0]  # [bq, bk]
-    tab = tab.astype(s.dtype)
-    if per_head:
-      bias = jnp.take(tab, bucket, axis=1)  # [Hs, bq, bk]
-      return s + bias[None]
-    return s + jnp.take(tab, bucket, axis=0)[None, None]
+    return s + table_bias(tab.astype(s.dtype), bucket, q, k)
 
   tiling = (Tiling(head_axis=0),) if per_head else (GLOBAL,)
   return ScoreMod(fn, (table,), tiling, f"relative_bias({mode})")
@@ -287,7 +299,8 @@ def low_rank_bias(u, w) -> ScoreMod:
                       precision=jax.lax.Precision.HIGHEST)
     return s + bias
 
-  return ScoreMod(fn, (u, w), (Tiling(q_axis=1, head_axis=2), Tiling(kv_axis=1, head_axis=2)),
+  return ScoreMod(fn, (u, w), (Tiling(q_axis=1, head_axis=2, batch_axis=0),
+                          Tiling(kv_axis=1, head_axis=2, batch_axis=0)),
                   "low_rank_bias")
 
 
@@ -298,7 +311,8 @@ def additive_bias(bias) -> ScoreMod:
     (bb,) = params
     return s + bb.astype(s.dtype)
 
-  return ScoreMod(fn, (bias,), (Tiling(q_axis=2, kv_axis=3, head_axis=1),), "bias")
+  return ScoreMod(fn, (bias,), (Tiling(q_axis=2, kv_axis=3, head_axis=1, batch_axis=0),),
+                   "bias")
 
 
 def from_function(fn: Callable, name: str | None = None) -> ScoreMod:
@@ -320,8 +334,8 @@ def chain(*mods: ScoreMod) -> ScoreMod:
       raise TypeError(f"chain: argument {i} must be a ScoreMod, got {type(m).__name__}")
   if len(mods) == 1:
     return mods[0]
-  if any(m.raw_fn is not None for m in mods):
-    return _LazyChain(mods)
+  if any(m.raw_fn is not None or isinstance(m, _LazyChain) for m in mods):
+    return _LazyChain(mods)   # binds (closure-converts) its members per tile shape
   fns = tuple(m.fn for m in mods)
 
   def fn(params, s, b, h, q, k):
@@ -367,6 +381,6 @@ def as_score_mod(score_mod) -> ScoreMod | None:
                   f"{type(score_mod).__name__}")
 
 
-__all__ = ["ScoreMod", "Tiling", "softcap", "alibi", "alibi_slopes", "relative_bias",
+__all__ = ["ScoreMod", "Tiling", "table_bias", "softcap", "alibi", "alibi_slopes", "relative_bias",
            "t5_relative_bucket", "low_rank_bias", "additive_bias", "from_function", "chain",
            "as_score_mod"]

@@ -29,9 +29,8 @@ def abs_offset_bias_score_mod(table: jax.Array, grid, resolution) -> scores_lib.
   def fn(params, s, b, h, q, k):
     (tab,) = params
     idx = jnp.abs(q // gw - k // gw) * rw + jnp.abs(q % gw - k % gw)
-    idx = jnp.clip(jnp.broadcast_to(idx, jnp.broadcast_shapes(q.shape, k.shape))[0, 0], 0,
-                   size - 1)
-    return s + jnp.take(tab.astype(s.dtype), idx, axis=1)[None]
+    idx = jnp.clip(idx, 0, size - 1)
+    return s + scores_lib.table_bias(tab.astype(s.dtype), idx, q, k)
 
   return scores_lib.ScoreMod(fn, (table,), (scores_lib.Tiling(head_axis=0),),
                              "abs_offset_bias")

@@ -264,10 +264,8 @@ def swin_bias_score_mod(table: jax.Array, window: Sequence[int]) -> scores_lib.S
     qy, qx = q // ww, q % ww
     ky, kx = k // ww, k % ww
     idx = (qy - ky + wh - 1) * (2 * ww - 1) + (qx - kx + ww - 1)
-    idx = jnp.clip(jnp.broadcast_to(idx, jnp.broadcast_shapes(q.shape, k.shape))[0, 0], 0,
-                   n_rel - 1)  # [bq, bk]; out-of-window (padded tile) positions are clipped
-    bias = jnp.take(tab.astype(s.dtype), idx, axis=0)  # [bq, bk, Hs]
-    return s + jnp.moveaxis(bias, -1, 0)[None]
+    idx = jnp.clip(idx, 0, n_rel - 1)  # out-of-window (padded tile) positions are clipped
+    return s + scores_lib.table_bias(tab.astype(s.dtype).T, idx, q, k)
 
   return scores_lib.ScoreMod(fn, (table,), (scores_lib.Tiling(head_axis=1),),
                              "swin_relative_position_bias")

@@ -160,6 +160,8 @@ def test_score_mods(mod):
 
 FEATURE_NEEDS = {"sinks": ("sinks",), "segments": ("segment_ids",), "bias": ("bias",),
                  "positions": ("explicit_positions",),
+                 # a position-indexed table under per-example positions (batch axis kept)
+                 "positions_table": ("explicit_positions", "score_mods"),
                  "everything": ("sinks", "segment_ids", "bias", "explicit_positions",
                                 "score_mods")}
 
@@ -169,9 +171,11 @@ def test_features(feature):
   kw = dict(sinks=feature in ("sinks", "everything"),
             segments=feature in ("segments", "everything"),
             bias=feature in ("bias", "everything"),
-            positions=feature in ("positions", "everything"))
+            positions=feature in ("positions", "positions_table", "everything"))
   if feature == "everything":
     kw["score_mod"] = _chain
+  if feature == "positions_table":
+    kw["score_mod"] = _rel_clipped
   case = Case(B=2, Tq=27, Tk=27, Hq=4, Hkv=2, D=8, Dv=12,
               mask=M.causal() & M.sliding_window(9, 0), seed=7, **kw)
   check_all(case, needs=FEATURE_NEEDS[feature])
