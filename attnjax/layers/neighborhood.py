@@ -57,8 +57,7 @@ def na_rpb_score_mod(rpb: jax.Array, grid, kernel_size, dilation) -> scores_lib.
       rel = kc[a] // dil[a] - qc[a] // dil[a] + ks[a] - 1
       rel = jnp.clip(rel, 0, sizes[a] - 1)
       flat = rel if flat is None else flat * sizes[a] + rel
-    flat = jnp.broadcast_to(flat, jnp.broadcast_shapes(q.shape, k.shape))[0, 0]  # [bq, bk]
-    return s + jnp.take(tab, flat, axis=1)[None]  # [1, Hs, bq, bk]
+    return s + scores_lib.table_bias(tab, flat, q, k)  # [Bp, Hs, bq, bk]
 
   return scores_lib.ScoreMod(fn, (rpb,), (scores_lib.Tiling(head_axis=0),), "na_rpb")
 
@@ -121,6 +120,60 @@ class _NeighborhoodAttention(nnx.Module):
     out = self.proj(out.reshape((b,) + grid + (self.dim,)))
     return restore(out)
 
+  # ------------------------------------------------------------------------------ decoding
+  def _check_decodable(self, grid_size):
+    name, nd = type(self).__name__, self._ndim
+    if not all(self.is_causal):
+      raise ValueError(f"{name}: decoding with a KV cache needs every axis causal "
+                       f"(is_causal={self.is_causal}); row-major token-by-token generation "
+                       f"would otherwise need keys that come later")
+    grid = as_tuple(name, "grid_size", grid_size, nd)
+    for a in range(nd):
+      if self.kernel_size[a] * self.dilation[a] > grid[a]:
+        raise ValueError(f"{name}: kernel_size={self.kernel_size} x dilation={self.dilation} "
+                         f"exceeds grid_size={grid} on axis {a}")
+    return grid
+
+  def init_cache(self, batch_size: int, grid_size, *, dtype=None) -> common.KVCache:
+    """An empty cache for generating ``batch_size`` grids of ``grid_size`` tokens in row-major
+    order (every axis must be causal). Capacity is the whole grid."""
+    grid = self._check_decodable(grid_size)
+    dt = jnp.float32 if dtype is None else common.canonical_dtype("dtype", dtype)
+    return common.KVCache.create(batch_size, math.prod(grid), self.num_heads, self.head_dim,
+                                 self.head_dim, dt)
+
+  def decode(self, x: jax.Array, cache: common.KVCache, grid_size, *, num_new=None):
+    """Incremental causal NA: ``x [B, T, dim]`` are the next ``T`` tokens of each example in
+    row-major order over ``grid_size`` (``T`` = prompt length for prefill, 1 per step);
+    token ``t`` of example ``b`` is at flat position ``cache.length[b] + t``. ``num_new [B]``
+    marks how many are real (ragged batches). Returns ``(out [B, T, dim], new_cache)``; ``out``
+    equals the parallel forward over the full grid at the same positions."""
+    name = type(self).__name__
+    grid = self._check_decodable(grid_size)
+    if x.ndim != 3 or x.shape[-1] != self.dim:
+      raise ValueError(f"{name}.decode: x must be [B, T, dim={self.dim}], got {x.shape}")
+    if not isinstance(cache, common.KVCache) or cache.capacity != math.prod(grid):
+      raise ValueError(f"{name}.decode: cache must be a KVCache from init_cache(batch, "
+                       f"grid_size={grid}) (capacity {math.prod(grid)})")
+    b, t = x.shape[:2]
+    qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    step = common.cache_step((cache.k, cache.v), (k, v), cache.pos, cache.length, num_new,
+                             None)
+    ck, cv = step.attn
+    mask = masks_lib.neighborhood(grid, self.kernel_size, self.dilation, self.stride,
+                                  self.is_causal)
+    mod = None
+    if self.rpb is not None:
+      mod = na_rpb_score_mod(self.rpb[...], grid, self.kernel_size, self.dilation)
+    out = attnjax.attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask=mask,
+                            score_mod=mod, scale=self.scale, impl=self.impl,
+                            q_positions=step.q_positions, kv_positions=step.kv_positions,
+                            segment_ids=step.q_segment_ids,
+                            kv_segment_ids=step.kv_segment_ids)
+    out = self.proj(out.reshape(b, t, self.dim))
+    return out, common.KVCache(step.buffers[0], step.buffers[1], step.pos, step.length)
+
 
 _DOC = """Neighborhood attention over a {nd}-D token grid (NATTEN ``NeighborhoodAttention{nd}D``).
 
@@ -142,6 +195,10 @@ relative position bias ``rpb`` (``rel_pos_bias=True``) has ``(2k-1)^D`` entries 
 indexed by the key-minus-query offset in dilation steps (NATTEN layout ``[heads, 2k-1, ...]``);
 it is also allowed with causal axes (NATTEN's kernels refuse that combination; the definition
 is the same).
+
+Decoding: with every axis causal, ``init_cache(batch, grid_size)`` and
+``decode(x, cache, grid_size)`` generate the grid token by token in row-major order (prefill +
+steps, ragged batches) and equal the parallel forward.
 
 Arguments: ``kernel_size``, ``dilation``, ``stride`` are ints or per-axis tuples,
 ``is_causal`` a bool or per-axis tuple; ``kernel_size * dilation`` must not exceed the grid and
