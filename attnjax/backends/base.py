@@ -178,3 +178,28 @@ def index_grids(p: Problem, q_pos, kv_pos, heads):
   b = jnp.arange(p.batch, dtype=jnp.int32)[:, None, None, None]
   h = jnp.asarray(heads, jnp.int32)[None, :, None, None]
   return b, h, q_pos[:, None, :, None], kv_pos[:, None, None, :]
+
+
+def _is_static(x):
+  return x is None or isinstance(x, (np.ndarray, list, tuple, range))
+
+
+def static_block_map(p: Problem, bq: int, bk: int) -> np.ndarray:
+  """The block map ``int8[H|1, nq, nk]`` a blockwise backend can skip by at trace time.
+
+  Default positions use the mask's cached map; static explicit positions (one row for the whole
+  batch) use :func:`attnjax.masks.block_map_from_positions`; traced or per-example positions
+  give an all-PARTIAL map (nothing skipped statically, every tile masked)."""
+  nh = p.num_q_heads if p.mask.per_head else None
+  bm = None
+  if p.default_positions:
+    bm = p.mask.block_map(p.q_len, p.kv_len, bq, bk, num_heads=nh)
+  elif _is_static(p.q_positions) and _is_static(p.kv_positions):
+    qp, kp = p.positions(np)
+    qp, kp = (x[0] if x.shape[0] == 1 else x for x in (qp, kp))
+    if qp.ndim == 1 and kp.ndim == 1:
+      bm = masks_lib.block_map_from_positions(p.mask, qp, kp, bq, bk, nh)
+  if bm is None:
+    nq, nk = -(-p.q_len // bq), -(-p.kv_len // bk)
+    bm = np.full((nh or 1, nq, nk), masks_lib.PARTIAL, np.int8)
+  return bm[None] if bm.ndim == 2 else bm

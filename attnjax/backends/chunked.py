@@ -364,23 +364,7 @@ class ChunkedBackend(base.Backend):
   def plan(self, p: base.Problem):
     """The static block map ``[H|1, nq, nk]`` this backend will use for ``p``."""
     bq, bk = self.block_sizes(p.q_len, p.kv_len)
-    nh = p.num_q_heads if p.mask.per_head else None
-    if p.default_positions:
-      bm = p.mask.block_map(p.q_len, p.kv_len, bq, bk, num_heads=nh)
-    elif _is_static(p.q_positions) and _is_static(p.kv_positions):
-      qp, kp = p.positions(np)
-      qp, kp = (x[0] if x.shape[0] == 1 else x for x in (qp, kp))
-      if qp.ndim != 1 or kp.ndim != 1:
-        bm = None
-      else:
-        bm = masks_lib.block_map_from_positions(p.mask, qp, kp, bq, bk, nh)
-    else:
-      bm = None
-    if bm is None:  # traced or per-example positions: no static skipping, every tile masked
-      nq, nk = -(-p.q_len // bq), -(-p.kv_len // bk)
-      bm = np.full((nh or 1, nq, nk), masks_lib.PARTIAL, np.int8)
-    if bm.ndim == 2:
-      bm = bm[None]
+    bm = base.static_block_map(p, bq, bk)
     return bm, bq, bk
 
   def __call__(self, p: base.Problem):
@@ -449,7 +433,3 @@ class ChunkedBackend(base.Backend):
     if p.return_lse:
       return out, lse[:, :, :Tq].transpose(0, 2, 1)
     return out
-
-
-def _is_static(x):
-  return x is None or isinstance(x, (np.ndarray, list, tuple, range))
