@@ -26,6 +26,7 @@ import math
 from typing import Callable
 
 import jax
+import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -80,23 +81,29 @@ class ScoreMod:
   # -------------------------------------------------------------------------- backend helpers
   def bind(self, score_shape, batch_shape, head_shape, q_shape, kv_shape,
            dtype=jnp.float32) -> "ScoreMod":
-    """Closure-convert a user function for one tile's argument shapes, hoisting captured
-    arrays into params so custom VJPs can return their gradients. Built-in mods return
-    themselves."""
+    """Trace a user function for one tile's argument shapes and hoist *every* array it
+    captures (traced or concrete, float or int) into params: custom VJPs return gradients for
+    the float ones, and kernels (Pallas) receive them as inputs instead of captured constants.
+    Built-in mods return themselves."""
     if self.raw_fn is None:
       return self
     ex = (jnp.zeros(score_shape, dtype), jnp.zeros(batch_shape, jnp.int32),
           jnp.zeros(head_shape, jnp.int32), jnp.zeros(q_shape, jnp.int32),
           jnp.zeros(kv_shape, jnp.int32))
     user = self.raw_fn
-    converted, consts = jax.closure_convert(lambda s, bb, h, q, k: user(s, bb, h, q, k), *ex)
+    closed = jax.make_jaxpr(lambda s, bb, h, q, k: user(s, bb, h, q, k))(*ex)
+    jaxpr, consts = closed.jaxpr, tuple(closed.consts)
+    if len(jaxpr.outvars) != 1:
+      raise ValueError(f"score_mod {self.name!r} must return one array, got "
+                       f"{len(jaxpr.outvars)} outputs")
 
     def fn(params, s, bb, h, q, k):
-      out = converted(s, bb.astype(jnp.int32), h.astype(jnp.int32), q.astype(jnp.int32),
-                      k.astype(jnp.int32), *params)
+      run = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, list(params)))
+      (out,) = run(s, bb.astype(jnp.int32), h.astype(jnp.int32), q.astype(jnp.int32),
+                   k.astype(jnp.int32))
       return jnp.asarray(out).astype(s.dtype)
 
-    return ScoreMod(fn, tuple(consts), None, self.name)
+    return ScoreMod(fn, consts, None, self.name)
 
   def pad_params(self, q_len_padded: int, kv_len_padded: int):
     """Params with their q/kv axes zero-padded to the padded problem size."""
@@ -158,6 +165,19 @@ def table_bias(table, index, q_idx, kv_idx):
   if table.ndim == 1:
     return jnp.take(table, idx, axis=0)[:, None]
   return jnp.moveaxis(jnp.take(table, idx, axis=1), 0, 1)
+
+
+def is_float_param(x) -> bool:
+  """Whether a score-mod param takes gradients (integer params, e.g. index tables captured by
+  a user function, get ``float0`` cotangents)."""
+  return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def param_cotangent(ct, param):
+  """Cast an accumulated cotangent to ``param``'s dtype, or ``float0`` zeros for int params."""
+  if not is_float_param(param):
+    return np.zeros(np.shape(param), jax.dtypes.float0)
+  return ct.astype(jnp.result_type(param))
 
 
 def _as_float_param(name, x, ndim_allowed):

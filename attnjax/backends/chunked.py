@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import masks as masks_lib
+from attnjax import scores as scores_lib
 from attnjax.backends import base
 
 f32 = jnp.float32
@@ -260,6 +261,7 @@ def _backward(cfg: _Config, res, g_out, g_lse):
         dpt = None
         if mod_vjp is not None:
           ds_flat, dpt = mod_vjp(ds.reshape(flat_shape))
+          dpt = jax.tree.map(_f32_cotangent, dpt)
           ds = ds_flat.reshape(tile_shape)
         # s = (scale * q) . k, so dk takes the pre-scaled queries and dq gets the scale.
         dq_t = jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), _at(kb, j),
@@ -272,7 +274,7 @@ def _backward(cfg: _Config, res, g_out, g_lse):
         zeros_pt = None
         if mod is not None:
           ptile = mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
-          zeros_pt = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), ptile)
+          zeros_pt = jax.tree.map(lambda x: jnp.zeros(x.shape, f32), ptile)
         return (jnp.zeros(dq.shape[1:], f32), jnp.zeros(dk.shape[1:], f32),
                 jnp.zeros(dv.shape[1:], f32), zeros_pt)
 
@@ -305,8 +307,15 @@ def _backward(cfg: _Config, res, g_out, g_lse):
     contrib = -(p_sink * delta).reshape(cfg.nq, cfg.B, cfg.Hk, cfg.G, cfg.bq)
     per_head = jnp.sum(contrib, axis=(0, 1, 4)).reshape(-1)   # [Hk*G]
     dsinks = jnp.zeros(sinks.shape, f32).at[cfg.head_ids].add(per_head).astype(sinks.dtype)
-  dparams = jax.tree.map(lambda d, p: d.astype(p.dtype), dparams, params)
+  dparams = jax.tree.map(scores_lib.param_cotangent, dparams, params)
   return dq, dk, dv, dsinks, dparams, None, None, None, None
+
+
+def _f32_cotangent(x):
+  """A tile cotangent as float32 (``float0`` cotangents of integer params become zeros)."""
+  if x.dtype == jax.dtypes.float0:
+    return jnp.zeros(x.shape, f32)
+  return x.astype(f32)
 
 
 def _make_core(cfg: _Config):
