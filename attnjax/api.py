@@ -14,6 +14,7 @@ from attnjax import masks as masks_lib
 from attnjax import scores as scores_lib
 from attnjax.backends import base
 from attnjax.backends.chunked import ChunkedBackend
+from attnjax.backends.pallas import PallasBackend
 from attnjax.backends.reference import ReferenceBackend
 from attnjax.backends.xla import XlaBackend
 
@@ -38,6 +39,8 @@ def available_backends() -> dict[str, base.Backend]:
 register_backend("reference", ReferenceBackend())
 register_backend("xla", XlaBackend())
 register_backend("chunked", ChunkedBackend())
+register_backend("pallas_tpu", PallasBackend("tpu"))
+register_backend("pallas_gpu", PallasBackend("gpu"))
 
 
 def _shape_str(x):
@@ -179,12 +182,17 @@ def _platform(x) -> str:
     return jax.default_backend()
 
 
-def auto_candidates(p: base.Problem) -> list[str]:
-  """Backends ``impl="auto"`` tries, best first."""
+def auto_candidates(p: base.Problem, platform: str | None = None) -> list[str]:
+  """Backends ``impl="auto"`` tries, best first. On TPU/GPU the Pallas kernel of that platform
+  comes first beyond the dense crossover (unmeasured on hardware so far: see BENCHMARKS.md);
+  on CPU the Pallas backends (interpret mode, for debugging) are never chosen automatically."""
+  platform = platform or jax.default_backend()
   per_example_pos = any(x is not None and np.ndim(x) == 2 and x.shape[0] > 1
                         for x in (p.q_positions, p.kv_positions))
   small = p.q_len * p.kv_len <= AUTO_DENSE_MAX_ENTRIES or p.q_len <= 16 or per_example_pos
   order = ["xla", "chunked"] if small else ["chunked", "xla"]
+  if platform in ("tpu", "gpu") and not small:
+    order.insert(0, f"pallas_{platform}")
   return [name for name in order if name in _BACKENDS]
 
 
@@ -200,7 +208,7 @@ def select_backend(p: base.Problem, impl: Any = "auto") -> base.Backend:
     backend = _BACKENDS[impl]
   elif impl == "auto":
     reasons = []
-    for name in auto_candidates(p):
+    for name in auto_candidates(p, platform):
       why = base.unsupported(_BACKENDS[name].capabilities, p, platform)
       if why is None:
         return _BACKENDS[name]

@@ -1,0 +1,438 @@
+"""The Pallas backends ``pallas_tpu`` and ``pallas_gpu``: attnjax problems on the block-sparse
+flash kernels of :mod:`pallas_kernels.flash` (FlashAttention-2, Dao 2023).
+
+The adapter turns a validated :class:`~attnjax.backends.base.Problem` into kernel arguments:
+
+* layout ``[B, T, H, D]`` -> head-major ``[B, H, T, D]``, sequences padded to the block sizes
+  (padded keys are masked by the kernel through ``kv_len``; padded query rows are dropped);
+* the mask's static block map (cached numpy) -> :class:`~pallas_kernels.flash.common.BlockTables`,
+  so the kernels visit only non-empty blocks and skip ``mask_mod`` on FULL ones. With segment ids
+  the tables are rebuilt at run time per example from each block's segment-id range (a document
+  mask skips the blocks between documents) — the same run-time table path data-dependent
+  sparsity uses;
+* ``mask.mask_mod`` and the score mod become in-tile callables; score-mod params are cut to the
+  tile along the axes their :class:`~attnjax.scores.Tiling` names;
+* a custom VJP: dq/dk/dv from the kernels' backward, sink gradients from the LSE, and gradients
+  into score-mod params (ALiBi slopes, bias tables, low-rank factors, arrays captured by
+  ``scores.from_function``) from a blockwise XLA pass over the non-empty tiles
+  (:func:`_param_grads`) — computed only when some param is being differentiated.
+
+On a CPU the kernels run in interpret mode, so both backends work anywhere for debugging and
+tests; ``pallas_tpu`` refuses a GPU and ``pallas_gpu`` a TPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.extend.core as jex_core
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax import masks as masks_lib
+from attnjax import scores as scores_lib
+from attnjax.backends import base
+
+f32 = jnp.float32
+
+_HW = {"tpu": "tpu", "gpu": "gpu"}
+# Default blocks on hardware: TPU lanes are 128 wide; Triton dots want powers of two.
+_DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64)}
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def _next_pow2(x):
+  return 1 << max(0, int(x - 1).bit_length())
+
+
+def _kernels(platform: str):
+  return importlib.import_module(f"pallas_kernels.flash.{platform}")
+
+
+def _common():
+  return importlib.import_module("pallas_kernels.flash.common")
+
+
+class PallasBackend(base.Backend):
+  """Block-sparse flash attention on Pallas kernels for ``platform`` in {"tpu", "gpu"}.
+
+  ``block_q``/``block_kv`` set the tile (defaults: 128x128 on TPU, 64x64 on GPU; shrunk to the
+  sequence for short inputs). ``interpret=None`` interprets unless running on the kernel's own
+  hardware. ``segment_skip`` builds per-example block tables from segment-id ranges.
+  """
+
+  def __init__(self, platform: str, block_q: int | None = None, block_kv: int | None = None,
+               interpret: bool | None = None, segment_skip: bool = True):
+    if platform not in _HW:
+      raise ValueError(f"platform must be 'tpu' or 'gpu', got {platform!r}")
+    for name, val in (("block_q", block_q), ("block_kv", block_kv)):
+      if val is not None and (not isinstance(val, int) or val < 8):
+        raise ValueError(f"{name} must be an int >= 8, got {val!r}")
+    self.platform = platform
+    self.block_q, self.block_kv = block_q, block_kv
+    self.interpret = interpret
+    self.segment_skip = segment_skip
+    dtypes = {"float32", "bfloat16"} | ({"float16"} if platform == "gpu" else set())
+    self.capabilities = base.Capabilities(
+        name=f"pallas_{platform}", platforms=frozenset({platform, "cpu"}),
+        dtypes=frozenset(dtypes))
+
+  def __repr__(self):
+    return (f"PallasBackend({self.platform!r}, block_q={self.block_q}, "
+            f"block_kv={self.block_kv})")
+
+  def _on_hardware(self) -> bool:
+    return jax.default_backend() == self.platform
+
+  def block_sizes(self, q_len: int, kv_len: int) -> tuple[int, int]:
+    dq, dk = _DEFAULT_BLOCKS[self.platform]
+    bq = self.block_q or dq
+    bk = self.block_kv or dk
+    if self.platform == "tpu":
+      # Query blocks are sublane-tiled (8); key blocks are lanes (128) on hardware.
+      lane = 128 if self._on_hardware() else 8
+      return min(bq, _round_up(q_len, 8)), min(bk, _round_up(kv_len, lane))
+    floor = 16 if self._on_hardware() else 8
+    return (min(bq, max(floor, _next_pow2(q_len))), min(bk, max(floor, _next_pow2(kv_len))))
+
+  def plan(self, p: base.Problem):
+    bq, bk = self.block_sizes(p.q_len, p.kv_len)
+    return base.static_block_map(p, bq, bk), bq, bk
+
+  def __call__(self, p: base.Problem):
+    common = _common()
+    kern = _kernels(self.platform)
+    B, Tq, Hq, D = p.q.shape
+    Tk, Hkv, Dv = p.k.shape[1], p.k.shape[2], p.v.shape[-1]
+    bm, bq, bk = self.plan(p)
+    nq, nk = bm.shape[-2:]
+    Tqp, Tkp = nq * bq, nk * bk
+
+    q = _pad(p.q, 1, Tqp).transpose(0, 2, 1, 3)
+    k = _pad(p.k, 1, Tkp).transpose(0, 2, 1, 3)
+    v = _pad(p.v, 1, Tkp).transpose(0, 2, 1, 3)
+    q_pos, kv_pos = p.positions()
+    q_pos = _pad(q_pos, 1, Tqp, "edge")
+    kv_pos = _pad(kv_pos, 1, Tkp, "edge")
+    qseg = kvseg = None
+    if p.q_segment_ids is not None:
+      qseg = _pad(p.q_segment_ids, 1, Tqp, "edge")
+      kvseg = _pad(p.kv_segment_ids, 1, Tkp, "edge")
+
+    bm4 = bm[None]  # [1, H|1, nq, nk]
+    if qseg is not None and self.segment_skip:
+      fwd_t, dkv_t = common.tables_from_block_map_jnp(
+          _segment_block_map(bm4, qseg, kvseg, bq, bk),
+          max_kv=int((bm != masks_lib.EMPTY).sum(-1).max(initial=1)),
+          max_q=int((bm != masks_lib.EMPTY).sum(-2).max(initial=1)))
+    else:
+      fwd_t, dkv_t = common.tables_from_block_map(bm4)
+
+    mask = p.mask
+    mask_fn, mask_params, mask_in_score = _mask_for_kernel(mask, bq, bk)
+
+    mod, flat_params, specs, treedef = None, (), (), None
+    if p.score_mod is not None:
+      mod = p.score_mod.bind((1, 1, bq, bk), (1, 1, 1, 1), (1, 1, 1, 1), (1, 1, bq, 1),
+                             (1, 1, 1, bk))
+      params = mod.pad_params(Tqp, Tkp)
+      flat_params, treedef = jax.tree.flatten(params)
+      tilings = jax.tree.leaves(mod.tiling, is_leaf=lambda x: isinstance(x, scores_lib.Tiling))
+      specs = tuple(common.ParamSpec(batch_axis=t.batch_axis, head_axis=t.head_axis,
+                                     q_axis=t.q_axis, kv_axis=t.kv_axis) for t in tilings)
+    n_mod = len(flat_params)
+    specs = specs + (common.ParamSpec(),) * len(mask_params)   # mask arrays: passed whole
+
+    score_fn = None
+    if mod is not None or mask_in_score is not None:
+      fn = mod.fn if mod is not None else None
+
+      def score_fn(ptile, s, b, h, qp, kp):
+        if fn is not None:
+          prm = jax.tree.unflatten(treedef, list(ptile[:n_mod]))
+          s = fn(prm, s[None, None], jnp.reshape(b, (1, 1, 1, 1)), jnp.reshape(h, (1, 1, 1, 1)),
+                 qp[None, None], kp[None, None])[0, 0]
+        if mask_in_score is not None:
+          s = jnp.where(mask_in_score(ptile[n_mod:], qp, kp, h), s, -jnp.inf)
+        return s
+
+    sinks = None if p.sinks is None else p.sinks.astype(f32)
+    kw = dict(fwd_tables=fwd_t, dkv_tables=dkv_t, kv_len=Tk, scale=float(p.scale),
+              mask_fn=mask_fn, score_fn=score_fn, score_param_specs=specs, block_q=bq,
+              block_kv=bk, interpret=self.interpret)
+    static = _Static(kern=kern, kw=kw, mod=mod, treedef=treedef, specs=specs[:n_mod], bm=bm,
+                     bq=bq, bk=bk, Tk=Tk, mask=mask, n_mod=n_mod)
+    out, lse = _make_core(static)(q, k, v, sinks, tuple(flat_params) + mask_params, qseg, kvseg,
+                                  q_pos, kv_pos)
+    out = out[:, :, :Tq].transpose(0, 2, 1, 3).astype(p.q.dtype)
+    if p.return_lse:
+      return out, lse[:, :, :Tq].transpose(0, 2, 1)
+    return out
+
+
+class _Static:
+  """Everything static about one call (closed over by the custom VJP)."""
+
+  def __init__(self, **kw):
+    self.__dict__.update(kw)
+
+
+def _pad(x, axis, size, mode="constant"):
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, mode=mode)
+
+
+def _segment_block_map(bm4, qseg, kvseg, bq, bk):
+  """``int8[B, H|1, nq, nk]``: the static map with blocks whose query and key segment-id ranges
+  are disjoint (per example) set EMPTY."""
+  B = qseg.shape[0]
+  qs = qseg.reshape(B, -1, bq)
+  ks = kvseg.reshape(B, -1, bk)
+  qmin, qmax = qs.min(-1), qs.max(-1)
+  kmin, kmax = ks.min(-1), ks.max(-1)
+  overlap = (qmax[:, :, None] >= kmin[:, None, :]) & (kmax[:, None, :] >= qmin[:, :, None])
+  return jnp.where(overlap[:, None], jnp.asarray(bm4), masks_lib.EMPTY).astype(jnp.int8)
+
+
+def _mask_for_kernel(mask: masks_lib.Mask, bq: int, bk: int):
+  """``(mask_fn, mask_params, mask_in_score)`` for the kernels.
+
+  A mask made of index arithmetic becomes ``mask_fn`` (evaluated on PARTIAL tiles only). A
+  mask holding arrays (``masks.dense``, a ``from_function`` closure over a table) cannot be a
+  kernel constant: its arrays are hoisted into ``mask_params`` (passed whole, bool as int32)
+  and the mask is applied through the score function (``mask_in_score``), on every visited
+  tile — EMPTY tiles are still skipped from the block map."""
+  if isinstance(mask, masks_lib.Full):
+    return None, (), None
+  per_head = mask.per_head
+
+  def raw(qp, kp, h):
+    return mask.mask_mod(qp, kp, h if per_head else None)
+
+  closed = jax.make_jaxpr(raw)(jnp.zeros((bq, 1), jnp.int32), jnp.zeros((1, bk), jnp.int32),
+                               jnp.int32(0))
+  if not closed.consts:
+    return raw, (), None
+  jaxpr = closed.jaxpr
+  dtypes = [jnp.result_type(c) for c in closed.consts]
+  params = tuple(jnp.asarray(c).astype(jnp.int32) if dt == jnp.bool_ else jnp.asarray(c)
+                 for c, dt in zip(closed.consts, dtypes))
+
+  def in_score(mp, qp, kp, h):
+    mp = [x.astype(jnp.bool_) if dt == jnp.bool_ else x for x, dt in zip(mp, dtypes)]
+    (vis,) = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, mp))(qp, kp, h)
+    return vis
+
+  return None, params, in_score
+
+
+def _kernel_kwargs(st: _Static, params, qseg, kvseg, q_pos, kv_pos, sinks):
+  return dict(st.kw, score_params=params, q_segment_ids=qseg, kv_segment_ids=kvseg,
+              q_pos=q_pos, kv_pos=kv_pos, sinks=sinks)
+
+
+def _make_core(st: _Static):
+  @jax.custom_vjp
+  def core(q, k, v, sinks, params, qseg, kvseg, q_pos, kv_pos):
+    return st.kern.flash_attention_fwd(
+        q, k, v, **_kernel_kwargs(st, params, qseg, kvseg, q_pos, kv_pos, sinks))
+
+  def fwd(*args):
+    # symbolic_zeros=True wraps every array leaf as CustomVJPPrimal(value, perturbed).
+    is_primal = lambda x: type(x).__name__ == "CustomVJPPrimal"
+    perturbed = [x.perturbed for x in jax.tree.leaves(args[4], is_leaf=is_primal)]
+    args = jax.tree.map(lambda x: x.value, args, is_leaf=is_primal)
+    q, k, v, sinks, params, qseg, kvseg, q_pos, kv_pos = args
+    out, lse = st.kern.flash_attention_fwd(
+        q, k, v, **_kernel_kwargs(st, params, qseg, kvseg, q_pos, kv_pos, sinks))
+    flag = (None,) if any(perturbed) else ()   # static pytree structure, not a traced bool
+    res = (q, k, v, sinks, params, qseg, kvseg, q_pos, kv_pos, out, lse, flag)
+    return (out, lse), res
+
+  def bwd(res, cts):
+    q, k, v, sinks, params, qseg, kvseg, q_pos, kv_pos, out, lse, flag = res
+    want_params = len(flag) > 0
+    g_out, g_lse = cts
+    g_out = jnp.zeros(out.shape, out.dtype) if _is_zero(g_out) else g_out.astype(out.dtype)
+    g_lse = jnp.zeros(lse.shape, f32) if _is_zero(g_lse) else g_lse.astype(f32)
+    # dL/ds = p * (dp - delta); an LSE cotangent adds p * g_lse, i.e. delta -= g_lse.
+    delta = jnp.sum(g_out.astype(f32) * out.astype(f32), axis=-1) - g_lse
+    kw = _kernel_kwargs(st, params, qseg, kvseg, q_pos, kv_pos, sinks)
+    dq, dk, dv = st.kern.flash_attention_bwd(q, k, v, out, lse, g_out, delta, **kw)
+    dsinks = None
+    if sinks is not None:
+      lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+      p_sink = jnp.exp(sinks[None, :, None] - lse_safe)
+      dsinks = -jnp.sum(p_sink * delta, axis=(0, 2)).astype(sinks.dtype)
+    zeros = lambda xs: tuple(scores_lib.param_cotangent(jnp.zeros(jnp.shape(x), f32), x)
+                             for x in xs)
+    mod_params, mask_params = params[:st.n_mod], params[st.n_mod:]
+    if mod_params and want_params:
+      dparams = _param_grads(st, mod_params, q, k, v, lse, g_out, delta, qseg, kvseg, q_pos,
+                             kv_pos)
+    else:
+      dparams = zeros(mod_params)
+    dparams = dparams + zeros(mask_params)   # mask arrays are constants of the mask
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dsinks, dparams,
+            None, None, None, None)
+
+  core.defvjp(fwd, bwd, symbolic_zeros=True)
+  return core
+
+
+def _is_zero(x):
+  return x is None or type(x).__name__ == "SymbolicZero"
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients into score-mod parameters (blockwise XLA pass over the non-empty tiles)
+# ----------------------------------------------------------------------------------------------
+
+def _param_grads(st: _Static, params, q, k, v, lse, do, delta, qseg, kvseg, q_pos, kv_pos):
+  """``sum over visited tiles`` of the score mod's VJP w.r.t. its params at ``dS``.
+
+  ``dS = P * (dP - delta)`` is recomputed per tile from the saved LSE, for every example and
+  head at once (the bound score mod is vmapped over them, params cut per (example, head) as the
+  kernel cuts them). Tiles come from the union over heads of the static block map."""
+  B, Hq, Tqp, D = q.shape
+  G = Hq // k.shape[1]
+  bq, bk = st.bq, st.bk
+  pairs = np.argwhere((st.bm != masks_lib.EMPTY).any(0)).astype(np.int32)
+  fn = st.mod.fn
+  treedef = st.treedef
+  specs = st.specs
+  heads = jnp.arange(Hq, dtype=jnp.int32)
+  batch = jnp.arange(B, dtype=jnp.int32)
+  lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+  mask = st.mask
+  Bp_q, Bp_k = q_pos.shape[0], kv_pos.shape[0]
+
+  def in_axes(spec, x, kind):
+    """The axis vmap maps for ``kind`` ("b" outer, "h" inner), or None (broadcast param)."""
+    b_ax = spec.batch_axis if spec.batch_axis is not None and x.shape[spec.batch_axis] > 1 \
+        else None
+    h_ax = spec.head_axis if spec.head_axis is not None and x.shape[spec.head_axis] > 1 \
+        else None
+    if kind == "b":
+      return b_ax
+    if h_ax is not None and b_ax is not None and b_ax < h_ax:
+      return h_ax - 1      # the outer vmap already removed the batch axis
+    return h_ax
+
+  def full_axes(spec, x):
+    b = spec.batch_axis if spec.batch_axis is not None and x.shape[spec.batch_axis] > 1 else None
+    h = spec.head_axis if spec.head_axis is not None and x.shape[spec.head_axis] > 1 else None
+    return b, h
+
+  def tile_of(x, spec, i, j):
+    if spec.q_axis is not None and x.shape[spec.q_axis] > 1:
+      x = jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis=spec.q_axis)
+    if spec.kv_axis is not None and x.shape[spec.kv_axis] > 1:
+      x = jax.lax.dynamic_slice_in_dim(x, j * bk, bk, axis=spec.kv_axis)
+    return x
+
+  def make_one(exp_axes):
+    """The params' cotangent for one (example, head) tile. Inside the vmaps a param has lost
+    its mapped batch/head axes; ``exp_axes`` puts them back as size-1 axes for the score mod."""
+    def one(ptile, s, b, h, qp, kp, vis, lse_r, dp, dl):
+      def f(pt):
+        pt = [jnp.expand_dims(x, ax) if ax else x for x, ax in zip(pt, exp_axes)]
+        prm = jax.tree.unflatten(treedef, pt)
+        return fn(prm, s[None, None], b.reshape(1, 1, 1, 1), h.reshape(1, 1, 1, 1),
+                  qp[None, None], kp[None, None])[0, 0]
+      s2, vjp = jax.vjp(f, list(ptile))
+      pr = jnp.where(vis, jnp.exp(s2 - lse_r[:, None]), 0.0)
+      ds = pr * (dp - dl[:, None])
+      return vjp(ds)[0]
+    return one
+
+  def step(acc, pair):
+    i, j = pair[0], pair[1]
+    qt = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=2)
+    kt = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
+    vt = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
+    dot = jax.lax.dynamic_slice_in_dim(do, i * bq, bq, axis=2)
+    kt = jnp.repeat(kt, G, axis=1) if G > 1 else kt
+    vt = jnp.repeat(vt, G, axis=1) if G > 1 else vt
+    s = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=f32) * st.kw["scale"]
+    dp = jnp.einsum("bhqd,bhkd->bhqk", dot, vt, preferred_element_type=f32)
+    qp = jax.lax.dynamic_slice_in_dim(q_pos, i * bq, bq, axis=1)      # [Bp, bq]
+    kp = jax.lax.dynamic_slice_in_dim(kv_pos, j * bk, bk, axis=1)
+    qp = jnp.broadcast_to(qp, (B, bq)) if Bp_q == 1 else qp
+    kp = jnp.broadcast_to(kp, (B, bk)) if Bp_k == 1 else kp
+    hh = heads[None, :, None, None]
+    vis = jnp.broadcast_to(
+        mask.mask_mod(qp[:, None, :, None], kp[:, None, None, :],
+                      hh if mask.per_head else None), (B, Hq, bq, bk))
+    kv_valid = (j * bk + jnp.arange(bk)) < st.Tk
+    vis = vis & kv_valid
+    if qseg is not None:
+      qs = jax.lax.dynamic_slice_in_dim(qseg, i * bq, bq, axis=1)
+      ks = jax.lax.dynamic_slice_in_dim(kvseg, j * bk, bk, axis=1)
+      vis = vis & (qs[:, None, :, None] == ks[:, None, None, :])
+    lse_t = jax.lax.dynamic_slice_in_dim(lse_safe, i * bq, bq, axis=2)
+    dl_t = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=2)
+    ptiles = [tile_of(x, sp, i, j) for x, sp in zip(params, specs)]
+    # vmap over heads (inner) and examples (outer); params follow their batch/head axes.
+    exp_axes = [tuple(a for a in full_axes(sp, x) if a is not None)
+                for x, sp in zip(ptiles, specs)]
+    f_h = jax.vmap(make_one(exp_axes), in_axes=([in_axes(sp, x, "h") for x, sp in zip(ptiles, specs)],
+                                 0, None, 0, None, None, 0, 0, 0, 0))
+    f_bh = jax.vmap(f_h, in_axes=([in_axes(sp, x, "b") for x, sp in zip(ptiles, specs)],
+                                  0, 0, None, 0, 0, 0, 0, 0, 0))
+    cts = f_bh(ptiles, s, batch, heads, qp[:, :, None], kp[:, None, :], vis, lse_t, dp, dl_t)
+    new = []
+    for a, ct, x, sp in zip(acc, cts, ptiles, specs):
+      # cts carry leading [B, Hq] vmap axes; fold them back onto the param's own axes.
+      ct = _fold_vmapped(ct, x, *full_axes(sp, x))
+      new.append(_add_tile(a, ct, sp, i * bq, j * bk))
+    return new, None
+
+  acc0 = [jnp.zeros(x.shape, f32) for x in params]
+  acc, _ = jax.lax.scan(step, acc0, jnp.asarray(pairs))
+  return tuple(scores_lib.param_cotangent(a, x) for a, x in zip(acc, params))
+
+
+def _fold_vmapped(ct, tile, b_ax, h_ax):
+  """Cotangent of the vmapped (example, head) call, ``[B, Hq, *rest]`` with ``rest`` the tile's
+  shape without its mapped axes, back to the tile's shape: unmapped leading axes are summed
+  (broadcast params), mapped ones moved to their axis (``b_ax``/``h_ax`` on the full tile)."""
+  ct = jnp.zeros(ct.shape, f32) if ct.dtype == jax.dtypes.float0 else ct.astype(f32)
+  if h_ax is None:
+    ct = ct.sum(axis=1)
+  if b_ax is None:
+    ct = ct.sum(axis=0)
+  dest = [a for a in (b_ax, h_ax) if a is not None]
+  if dest:
+    ct = jnp.moveaxis(ct, list(range(len(dest))), dest)
+  return ct.reshape(tile.shape)
+
+
+def _add_tile(acc, ct, spec, q_start, kv_start):
+  starts = [0] * acc.ndim
+  if spec.q_axis is not None and acc.shape[spec.q_axis] > 1:
+    starts[spec.q_axis] = q_start
+  if spec.kv_axis is not None and acc.shape[spec.kv_axis] > 1:
+    starts[spec.kv_axis] = kv_start
+  if ct.shape == acc.shape:
+    return acc + ct
+  cur = jax.lax.dynamic_slice(acc, starts, ct.shape)
+  return jax.lax.dynamic_update_slice(acc, cur + ct, starts)
+
+
+def tpu_backend(**kw) -> PallasBackend:
+  return PallasBackend("tpu", **kw)
+
+
+def gpu_backend(**kw) -> PallasBackend:
+  return PallasBackend("gpu", **kw)
+
+
+__all__ = ["PallasBackend", "tpu_backend", "gpu_backend"]

@@ -1,0 +1,128 @@
+"""The conformance suite's cases on the Pallas backends (interpret mode on CPU).
+
+The kernels are slow to interpret, so they run a representative selection of the suite's cases
+— every feature the backends declare, forward and backward against the float64 reference —
+rather than the full grid that the XLA backends run. Block sizes are small so each case spans
+several blocks (ragged last blocks, skipped blocks, FULL and PARTIAL tiles)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attnjax as aj
+from attnjax import masks as M
+from attnjax.backends.pallas import PallasBackend
+
+from harness import check_all
+from harness import case as Case
+from test_conformance import FEATURE_NEEDS, MASKS, SCORE_MODS, SHAPES, _chain, _softcap
+
+PALLAS = {
+    "pallas_gpu-16x16": PallasBackend("gpu", block_q=16, block_kv=16),
+    # interpret=True: the generic interpreter (the TPU-semantics one costs ~45 ms per grid step;
+    # the kernel tests run a subset with InterpretParams(uninitialized_memory="nan")).
+    "pallas_tpu-8x16": PallasBackend("tpu", block_q=8, block_kv=16, interpret=True),
+}
+
+pytestmark = pytest.mark.pallas
+
+
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[4]],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_shapes(shape):
+  B, Tq, Tk, Hq, Hkv, D, Dv = shape
+  case = Case(B=B, Tq=Tq, Tk=Tk, Hq=Hq, Hkv=Hkv, D=D, Dv=Dv, mask=M.causal(), seed=sum(shape))
+  check_all(case, backends=PALLAS)
+
+
+@pytest.mark.parametrize("name", ["sliding", "chunked", "neighborhood_2d", "per_head",
+                                  "strided_heads_causal", "from_function", "dense", "or"])
+def test_masks(name):
+  mask = MASKS[name]
+  case = Case(B=2, Tq=30, Tk=30, Hq=4, Hkv=2, D=8, Dv=8, mask=mask, seed=len(name))
+  check_all(case, backends=PALLAS, needs=("per_head_masks",) if mask.per_head else ())
+
+
+@pytest.mark.parametrize("mod", list(SCORE_MODS))
+def test_score_mods(mod):
+  case = Case(B=2, Tq=21, Tk=26, Hq=4, Hkv=2, D=8, Dv=8, mask=M.causal(),
+              score_mod=SCORE_MODS[mod], seed=len(mod))
+  check_all(case, backends=PALLAS, needs=("score_mods",))
+
+
+@pytest.mark.parametrize("feature", list(FEATURE_NEEDS))
+def test_features(feature):
+  kw = dict(sinks=feature in ("sinks", "everything"),
+            segments=feature in ("segments", "everything"),
+            bias=feature in ("bias", "everything"),
+            positions=feature in ("positions", "positions_table", "everything"))
+  if feature == "everything":
+    kw["score_mod"] = _chain
+  if feature == "positions_table":
+    from test_conformance import _rel_clipped
+    kw["score_mod"] = _rel_clipped
+  case = Case(B=2, Tq=27, Tk=27, Hq=4, Hkv=2, D=8, Dv=12,
+              mask=M.causal() & M.sliding_window(9, 0), seed=7, **kw)
+  check_all(case, backends=PALLAS, needs=FEATURE_NEEDS[feature])
+
+
+def test_cross_segments():
+  case = Case(B=2, Tq=14, Tk=31, Hq=2, Hkv=1, D=8, Dv=8, segments=True, sinks=True, seed=11)
+  check_all(case, backends=PALLAS, needs=("segment_ids", "sinks"))
+
+
+def test_bfloat16():
+  case = Case(B=2, Tq=30, Tk=30, Hq=4, Hkv=2, D=16, Dv=16, mask=MASKS["neighborhood_2d"],
+              sinks=True, score_mod=_softcap, dtype="bfloat16", seed=5)
+  check_all(case, dtype="bfloat16", backends=PALLAS, needs=("sinks", "score_mods"))
+
+
+@pytest.mark.parametrize("impl", list(PALLAS))
+def test_rows_with_no_visible_key(impl):
+  backend = PALLAS[impl]
+  rng = np.random.default_rng(0)
+  B, T, H, D = 1, 20, 2, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32) for _ in range(3))
+  sinks = jnp.asarray(rng.normal(size=(H,)), jnp.float32)
+  mask = M.causal(offset=-5)  # the first 5 queries see nothing
+
+  def f(q, k, v, sinks, use_sinks):
+    out, lse = aj.attention(q, k, v, mask=mask, sinks=sinks if use_sinks else None,
+                            impl=backend, return_lse=True)
+    return jnp.sum(out * jnp.arange(out.size).reshape(out.shape) / out.size), (out, lse)
+
+  for use_sinks in (False, True):
+    grads, (out, lse) = jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, sinks,
+                                                                         use_sinks)
+    assert np.all(np.asarray(out[:, :5]) == 0.0)
+    if use_sinks:
+      np.testing.assert_allclose(np.asarray(lse[0, :5]), np.broadcast_to(sinks, (5, H)),
+                                 rtol=1e-6)
+    else:
+      assert np.all(np.isneginf(np.asarray(lse[:, :5])))
+    for g in grads:
+      assert np.all(np.isfinite(np.asarray(g)))
+    assert np.all(np.asarray(grads[0][:, :5]) == 0.0)
+
+
+def test_auto_never_picks_pallas_on_cpu():
+  p = aj.api.build_problem(*(jnp.ones((1, 1024, 1, 8)),) * 3, mask=M.causal())
+  assert all(not n.startswith("pallas") for n in aj.api.auto_candidates(p, "cpu"))
+  assert aj.api.auto_candidates(p, "gpu")[0] == "pallas_gpu"
+  assert aj.api.auto_candidates(p, "tpu")[0] == "pallas_tpu"
+
+
+def test_wrong_platform_raises():
+  if jax.default_backend() != "cpu":
+    pytest.skip("checks the CPU-side platform rule")
+  p = aj.api.build_problem(*(jnp.ones((1, 8, 1, 8)),) * 3)
+  from attnjax.backends import base
+  assert "platform" in base.unsupported(PALLAS["pallas_tpu-8x16"].capabilities, p, "gpu")
+  assert "platform" in base.unsupported(PALLAS["pallas_gpu-16x16"].capabilities, p, "tpu")
+  with pytest.raises(NotImplementedError, match="float64|dtype"):
+    with jax.enable_x64(True):
+      x = jnp.ones((1, 8, 1, 8), jnp.float64)
+      aj.attention(x, x, x, impl="pallas_gpu")
