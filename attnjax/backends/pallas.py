@@ -93,9 +93,9 @@ class PallasBackend(base.Backend):
     bq = self.block_q or dq
     bk = self.block_kv or dk
     if self.platform == "tpu":
-      # Query blocks are sublane-tiled (8); key blocks are lanes (128) on hardware.
+      # Both block sizes are lane multiples (128) on hardware (the kernel keeps LSE lane-dense).
       lane = 128 if self._on_hardware() else 8
-      return min(bq, _round_up(q_len, 8)), min(bk, _round_up(kv_len, lane))
+      return min(bq, _round_up(q_len, lane)), min(bk, _round_up(kv_len, lane))
     floor = 16 if self._on_hardware() else 8
     return (min(bq, max(floor, _next_pow2(q_len))), min(bk, max(floor, _next_pow2(kv_len))))
 
