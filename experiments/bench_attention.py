@@ -28,6 +28,25 @@ Peers (each used only when importable):
 * ``torch_flex``: ``torch.nn.attention.flex_attention.flex_attention`` with a ``create_block_mask``
   block mask built from a mask_mod equal to the attnjax mask, compiled with ``torch.compile`` when
   that works (else eager; the label says which). PyTorch 2.13 has no CPU backward for flex.
+* ``jax_nn_cudnn`` (GPU only): ``jax.nn.dot_product_attention(implementation="cudnn")`` in
+  bfloat16, same mask mapping as ``jax_nn``; if cuDNN rejects the explicit neighborhood mask the
+  row says "skipped" with cuDNN's reason.
+* ``splash`` (TPU only): ``jax.experimental.pallas.ops.tpu.splash_attention.make_splash_mha`` with
+  ``CausalMask`` / ``LocalMask`` / ``NumpyMask`` (neighborhood) in a ``MultiHeadMask``.
+  On other platforms these two rows read "skipped (needs a GPU/TPU ...)".
+
+Pallas backends: ``--impl pallas_gpu`` / ``pallas_tpu`` (or ``pallas_gpu:BQxBK`` for
+``PallasBackend(platform, BQ, BK)``). Off their hardware the kernels run in interpret mode; the
+script refuses that unless ``--allow-interpret`` is given (for checking the path on tiny sizes:
+such timings are not performance).
+
+TFLOP/s (``bench_peers_hw.py``, FlashAttention-2 convention): only the visible (query, key)
+pairs of the mask count, counted exactly from the mask. Forward FLOPs
+``2 * B * H * visible * (D + Dv)`` (= ``4 * B * H * D * visible`` here, Dv = D); the backward is
+2.5x the forward, so a timed forward+backward call counts 3.5x the forward FLOPs. A peer that
+computes the masked-out pairs too (dense jax.nn) is still credited only with the visible ones.
+"this/best peer" divides a row's TFLOP/s by the highest TFLOP/s among the peers (non-attnjax
+rows) that ran on the same mask and T -- issue 3's "at least 0.7x the best peer" reads off it.
 
 The 2-D neighborhood mask needs a token grid: ``--nb-grid square`` (default) uses the square grid
 ``s x s`` with ``s = isqrt(T)``, so its rows have ``T = s*s`` (equal to T for 1024, 4096, 16384;
@@ -46,6 +65,9 @@ Examples::
       --block-q 128 --block-kv 512 --peers jax_nn torch_sdpa
   python experiments/bench_attention.py --lengths 16384 --masks causal --peers jax_nn \\
       --max-memory-gib 0 --ref-max-t 0                            # compiled memory only
+  # issue 3 on a GPU (on a TPU: --impl pallas_tpu --peers splash jax_nn)
+  python experiments/bench_attention.py --impl pallas_gpu --peers jax_nn_cudnn jax_nn \\
+      --dtype bfloat16 --lengths 2048 4096 8192 16384 --ref-max-t 4096 --out-md gpu.md
 """
 
 from __future__ import annotations
@@ -76,11 +98,14 @@ import attnjax
 from attnjax import masks as masks_lib
 from attnjax.backends.chunked import ChunkedBackend
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_peers_hw as hw  # noqa: E402
+
 MIB = 1024.0 * 1024.0
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [1024]
 ALL_MASKS = ["causal", "sliding", "neighborhood"]
-ALL_PEERS = ["jax_nn", "tokamax", "torch_sdpa", "torch_flex"]
+ALL_PEERS = ["jax_nn", "tokamax", "torch_sdpa", "torch_flex", "jax_nn_cudnn", "splash"]
 
 
 # ------------------------------------------------------------------------------------ options
@@ -99,7 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--impl", nargs="+", default=["chunked", "xla"],
                   help="attnjax backends: registered names (xla, chunked, pallas_tpu, "
                   "pallas_gpu, ...) or chunked:BQxBK for a chunked backend with other block "
-                  "sizes (default: chunked xla)")
+                  "sizes, pallas_gpu:BQxBK / pallas_tpu:BQxBK likewise (default: chunked xla)")
+  ap.add_argument("--allow-interpret", action="store_true",
+                  help="let pallas_gpu/pallas_tpu run in interpret mode off their hardware "
+                  "(tiny sizes, path checks only: the timings are not performance)")
   ap.add_argument("--block-q", type=int, default=256, help="block_q of plain 'chunked'")
   ap.add_argument("--block-kv", type=int, default=256, help="block_kv of plain 'chunked'")
   ap.add_argument("--peers", nargs="*", default=ALL_PEERS, choices=ALL_PEERS,
@@ -159,6 +187,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.max_memory_gib is None:
     args.max_memory_gib = 0.7 * _meminfo_kib("MemAvailable") / MIB
   args.lengths = sorted(set(args.lengths))
+  refusal = hw.interpret_refusal(args.impl, args.allow_interpret)
+  if refusal:
+    ap.error(refusal)
   return args
 
 
@@ -273,6 +304,13 @@ class MaskCase:
   mask: Any          # attnjax mask
   grid: tuple | None = None
   _dense: np.ndarray | None = None
+  _visible: int | None = None
+
+  def visible(self) -> int:
+    """Exact count of visible (query, key) pairs (block map + partial blocks; no [T, T])."""
+    if self._visible is None:
+      self._visible = hw.visible_pairs(self.mask, self.T)
+    return self._visible
 
   def dense(self) -> np.ndarray:
     """[T, T] bool, True = visible (for peers that need an explicit mask)."""
@@ -327,6 +365,7 @@ class Runner:
   backward: bool = True                 # False: fwd+bwd "n/a"
   backward_note: str = ""
   mem_estimate: Callable[[MaskCase, bool], float] | None = None  # torch: bytes
+  skip_errors_for: tuple = ()           # mask kinds whose errors read "skipped (unsupported)"
 
 
 def attnjax_runner(spec: str, args) -> Runner:
@@ -340,16 +379,27 @@ def attnjax_runner(spec: str, args) -> Runner:
     except ValueError:
       raise SystemExit(f"--impl {spec!r}: expected chunked:BQxBK, e.g. chunked:128x512")
     impl, label = ChunkedBackend(bq, bk), spec
+  elif hw.pallas_platform(spec) and ":" in spec:
+    from attnjax.backends.pallas import PallasBackend
+    try:
+      bq, bk = (int(x) for x in spec.split(":", 1)[1].lower().split("x"))
+    except ValueError:
+      raise SystemExit(f"--impl {spec!r}: expected pallas_gpu:BQxBK, e.g. pallas_gpu:128x64")
+    impl, label = PallasBackend(hw.pallas_platform(spec), bq, bk), spec
   else:
     impl, label = spec, spec
     if spec not in attnjax.available_backends():
       return Runner(label, "attnjax", unavailable=f"backend {spec!r} is not registered "
                     f"(available: {', '.join(sorted(attnjax.available_backends()))})")
 
+  plat = hw.pallas_platform(spec)
+  note = ("INTERPRET MODE (--allow-interpret): timings are not performance"
+          if plat and plat != jax.default_backend() else "")
+
   def build(mc: MaskCase):
     def fn(q, k, v):
       return attnjax.attention(q, k, v, mask=mc.mask, impl=impl)
-    return fn, (), ""
+    return fn, (), note
   return Runner(label, "attnjax", build)
 
 
@@ -533,6 +583,11 @@ def make_runners(args) -> list[Runner]:
       runners.append(torch_sdpa_runner(args))
     elif p == "torch_flex":
       runners.append(torch_flex_runner(args))
+    elif p in ("jax_nn_cudnn", "splash"):
+      label = "jax.nn(cudnn)" if p == "jax_nn_cudnn" else "splash"
+      why, build, skip_kinds = (hw.cudnn_peer if p == "jax_nn_cudnn" else hw.splash_peer)()
+      runners.append(Runner(label, "jax", lambda mc, b=build: b(mc, args), unavailable=why,
+                            skip_errors_for=skip_kinds))
   labels = [r.label for r in runners]
   dup = {x for x in labels if labels.count(x) > 1}
   if dup:
@@ -567,6 +622,8 @@ class Row:
   err_vs: str = ""
   notes: list = dataclasses.field(default_factory=list)
   ratios: dict = dataclasses.field(default_factory=dict)
+  flops: float | None = None            # forward FLOPs over visible pairs (hw.attention_flops)
+  tflops: dict = dataclasses.field(default_factory=dict)   # {"fwd", "fwdbwd"}: TFLOP/s
 
 
 def _timed_calls(call, warmup, repeats, budget_s, res: PassResult):
@@ -725,6 +782,7 @@ class Bench:
 
     for r in self.runners:
       row = Row(mc.label, mc.kind, mc.T, r.label, r.family)
+      row.flops = hw.attention_flops(mc.visible(), B, H, D)
       self.rows.append(row)
       if r.unavailable:
         row.fwd.status = row.bwd.status = f"skipped ({r.unavailable})"
@@ -770,8 +828,11 @@ class Bench:
             # compiled even when skipped as slow: the temp memory is still reported
             got = _jax_pass(fn, arrays, extra, ct, backward, args, res, self.limit_bytes, skip)
         except Exception as e:  # noqa: BLE001
-          res.status = f"error: {_short(e)}"
-          self.log(traceback.format_exc())
+          if mc.kind in r.skip_errors_for:
+            res.status = f"skipped (unsupported here: {_short(e, 100)})"
+          else:
+            res.status = f"error: {_short(e)}"
+            self.log(traceback.format_exc())
         res.wall_s = time.perf_counter() - t0
         if res.note:
           row.notes.append(f"{pname}: {res.note}")
@@ -820,6 +881,15 @@ class Bench:
 # ----------------------------------------------------------------------------------- reports
 def compute_ratios(rows: list[Row], base_label: str):
   by = {(r.kind, r.T, r.impl): r for r in rows}
+  best: dict = {}   # (kind, T, pass) -> best peer TFLOP/s
+  for r in rows:
+    r.tflops = {}
+    for key, res, mult in (("fwd", r.fwd, 1.0), ("fwdbwd", r.bwd, hw.FWDBWD_FACTOR)):
+      if r.flops is not None and res.status == "ok" and res.ms:
+        r.tflops[key] = r.flops * mult / (res.ms * 1e-3) / 1e12
+        if r.family != "attnjax":
+          b = (r.kind, r.T, key)
+          best[b] = max(best.get(b, 0.0), r.tflops[key])
   for r in rows:
     base = by.get((r.kind, r.T, base_label))
     rat = {}
@@ -832,6 +902,9 @@ def compute_ratios(rows: list[Row], base_label: str):
     if causal is not None and r.kind != "causal":
       rat["vs_causal_fwd"] = _ratio(r.fwd.ms, causal.fwd.ms)
       rat["vs_causal_fwdbwd"] = _ratio(r.bwd.ms, causal.bwd.ms)
+      rat["density_vs_causal"] = _ratio(r.flops, causal.flops)
+    for key in ("fwd", "fwdbwd"):
+      rat[f"vs_best_peer_{key}"] = _ratio(r.tflops.get(key), best.get((r.kind, r.T, key)))
     r.ratios = rat
 
 
@@ -873,6 +946,13 @@ COLUMNS = [
     ("base/this fwd+bwd temp", "ratio-base fwd+bwd temp memory / this row's"),
     ("this/causal fwd", "this row's forward time / same impl's causal forward at the same T"),
     ("this/causal fwd+bwd", "same for forward+backward"),
+    ("visible/causal", "visible pairs of this mask / of causal at the same T (time "
+     "proportional to density: this/causal fwd ~ visible/causal)"),
+    ("fwd TFLOP/s", "forward FLOPs over visible pairs only / time"),
+    ("fwd+bwd TFLOP/s", "3.5x forward FLOPs (FlashAttention-2 convention) / time"),
+    ("this/best peer fwd", "this row's fwd TFLOP/s / best peer's (non-attnjax) at the same "
+     "mask and T"),
+    ("this/best peer fwd+bwd", "same for forward+backward"),
     ("err out", "max |out - base out| (base: see 'err vs')"),
     ("err grads", "max |dq,dk,dv - base| "),
     ("err vs", "what the errors compare with"),
@@ -889,6 +969,9 @@ def row_cells(r: Row) -> list[str]:
       _fmt(rat.get("fwd_time"), "ratio"), _fmt(rat.get("fwdbwd_time"), "ratio"),
       _fmt(rat.get("fwd_temp"), "ratio"), _fmt(rat.get("fwdbwd_temp"), "ratio"),
       _fmt(rat.get("vs_causal_fwd"), "ratio"), _fmt(rat.get("vs_causal_fwdbwd"), "ratio"),
+      _fmt(rat.get("density_vs_causal"), "ratio"),
+      _fmt(r.tflops.get("fwd"), "ratio"), _fmt(r.tflops.get("fwdbwd"), "ratio"),
+      _fmt(rat.get("vs_best_peer_fwd"), "ratio"), _fmt(rat.get("vs_best_peer_fwdbwd"), "ratio"),
       _fmt(r.fwd.err, "err"), _fmt(r.bwd.err, "err"), r.err_vs,
       "; ".join(r.notes).replace("|", "/"),
   ]
@@ -943,7 +1026,32 @@ def targets(rows: list[Row], base_label: str, args) -> list[str]:
         1 / 50)
   check(f"causal fwd+bwd temp T={tm}: {b} / jax.nn(xla)", "causal", tm, "jax.nn(xla)",
         "fwdbwd_temp", 1 / 30)
+  lines += targets_issue3(by, t, t_note)
   return lines
+
+
+def targets_issue3(by, t, t_note) -> list[str]:
+  """Issue 3 (Pallas on hardware): causal fwd TFLOP/s >= 0.7x the best peer at T=target, and
+  sliding-window time proportional to density ((sliding/causal time) / (sliding/causal visible)
+  = 1 when exactly proportional)."""
+  impls = sorted({i for (_, _, i) in by if hw.pallas_platform(i)})
+  if not impls:
+    return []
+  out = ["", f"Targets of issue 3 (Pallas; meaningful only on the kernel's hardware){t_note}:",
+         "", "| target | bound | measured | |", "|---|---|---|---|"]
+  for i in impls:
+    r = by.get(("causal", t, i))
+    v = r.ratios.get("vs_best_peer_fwd") if r else None
+    out.append(f"| causal fwd T={t}: {i} TFLOP/s / best peer's | >= 0.7 | "
+               + ("not measured | |" if v is None else
+                  f"{v:.3g} | {'met' if v >= 0.7 else 'NOT met'} |"))
+    r = by.get(("sliding", t, i))
+    tr, dr = (r.ratios.get("vs_causal_fwd"), r.ratios.get("density_vs_causal")) if r else (0, 0)
+    v = _ratio(tr, dr)
+    out.append(f"| sliding fwd T={t}: {i} (sliding/causal time) / (sliding/causal visible "
+               f"pairs) | ~1 (proportional) | " + ("not measured | |" if v is None else
+                                                   f"{v:.3g} | |"))
+  return out
 
 
 def render_markdown(rows: list[Row], bench: Bench, header: list[str], elapsed: float) -> str:
@@ -971,7 +1079,9 @@ CSV_FIELDS = [
     "fwdbwd_temp_mib", "fwdbwd_rss_mib", "fwdbwd_err", "err_vs",
     "ratio_base", "base_over_this_fwd_time", "base_over_this_fwdbwd_time",
     "base_over_this_fwd_temp", "base_over_this_fwdbwd_temp",
-    "this_over_causal_fwd_time", "this_over_causal_fwdbwd_time", "notes",
+    "this_over_causal_fwd_time", "this_over_causal_fwdbwd_time", "visible_over_causal",
+    "fwd_flops", "fwd_tflops", "fwdbwd_tflops", "this_over_best_peer_fwd_tflops",
+    "this_over_best_peer_fwdbwd_tflops", "notes",
 ]
 
 
@@ -989,7 +1099,9 @@ def render_csv(rows: list[Row], bench: Bench, header: list[str]) -> str:
                p.err]
     vals += [r.err_vs, bench.base_label, rat.get("fwd_time"), rat.get("fwdbwd_time"),
              rat.get("fwd_temp"), rat.get("fwdbwd_temp"), rat.get("vs_causal_fwd"),
-             rat.get("vs_causal_fwdbwd"), "; ".join(r.notes)]
+             rat.get("vs_causal_fwdbwd"), rat.get("density_vs_causal"), r.flops,
+             r.tflops.get("fwd"), r.tflops.get("fwdbwd"), rat.get("vs_best_peer_fwd"),
+             rat.get("vs_best_peer_fwdbwd"), "; ".join(r.notes)]
     w.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in vals])
   return out.getvalue()
 

@@ -82,3 +82,95 @@ def test_tokamax_peer():
   row = res["rows"][-1]
   assert (row.impl, row.fwd.status) == ("tokamax(xla_chunked)", "ok")
   assert row.fwd.err < 1e-4
+
+
+# ------------------------------------------------------------- issue 3: FLOPs, Pallas, hw peers
+def test_visible_pairs_and_flops_brute_force():
+  """Visible pairs (block map + partial blocks, ragged last block, several slabs per block row)
+  against an explicit double loop on tiny masks."""
+  bench = _load_bench()
+  hw = sys.modules["bench_peers_hw"]
+  from attnjax import masks
+
+  def brute(kind, T, w=3, grid=(5, 6), kern=3):
+    if kind == "neighborhood":
+      (r, c), half = grid, kern // 2
+      def vis(i, j):
+        r0 = min(max(i // c - half, 0), r - kern)
+        c0 = min(max(i % c - half, 0), c - kern)
+        return r0 <= j // c < r0 + kern and c0 <= j % c < c0 + kern
+    elif kind == "sliding":
+      def vis(i, j):
+        return i - w <= j <= i
+    else:
+      def vis(i, j):
+        return j <= i
+    return sum(vis(i, j) for i in range(T) for j in range(T))
+
+  cases = [("causal", masks.causal(), 37), ("sliding", masks.sliding_window(3, 0), 37),
+           ("neighborhood", masks.neighborhood((5, 6), 3), 30)]
+  old = hw._ROWS_PER_CHUNK
+  hw._ROWS_PER_CHUNK = 64          # slabs of 64 // block keys
+  try:
+    for kind, m, T in cases:
+      n = brute(kind, T)
+      assert hw.visible_pairs(m, T) == n, kind
+      assert hw.visible_pairs(m, T, block=8) == n, kind
+      assert hw.visible_pairs(m, T, block=16) == n, kind
+      assert hw.attention_flops(n, 2, 3, 8) == 4 * 2 * 3 * 8 * n
+      assert hw.attention_flops(n, 2, 3, 8, backward=True) == pytest.approx(3.5 * 4 * 48 * n)
+  finally:
+    hw._ROWS_PER_CHUNK = old
+  assert hw.visible_pairs(masks.causal(), 1000) == 1000 * 1001 // 2
+  assert bench.ALL_PEERS[-2:] == ["jax_nn_cudnn", "splash"]
+
+
+def test_pallas_refused_without_allow_interpret(capsys):
+  bench = _load_bench()
+  if bench.jax.default_backend() == "gpu":
+    pytest.skip("on a GPU pallas_gpu is not interpreted")
+  with pytest.raises(SystemExit):
+    bench.parse_args(["--impl", "pallas_gpu:16x16", "--lengths", "32"])
+  assert "interpret mode" in capsys.readouterr().err
+
+
+def test_pallas_interpret_tiny_run_and_hw_peers_skipped():
+  """--allow-interpret: T=32 causal forward on pallas_gpu (interpret) with the TFLOP/s columns;
+  on CPU the hardware peers are rows saying why they were skipped."""
+  bench = _load_bench()
+  if bench.jax.default_backend() != "cpu":
+    pytest.skip("CPU-only expectations")
+  res = bench.main(["--lengths", "32", "--masks", "causal", "--repeats", "1", "--warmup", "0",
+                    "--no-backward", "--ref-max-t", "0", "--quiet", "--allow-interpret",
+                    "--impl", "pallas_gpu:16x16", "--peers", "jax_nn", "jax_nn_cudnn",
+                    "splash"])
+  rows = {r.impl: r for r in res["rows"]}
+  assert list(rows) == ["pallas_gpu:16x16", "jax.nn(xla)", "jax.nn(cudnn)", "splash"]
+  p, peer = rows["pallas_gpu:16x16"], rows["jax.nn(xla)"]
+  assert p.fwd.status == "ok" and p.fwd.err < 1e-5
+  assert p.flops == 4 * 1 * 8 * 64 * (32 * 33 // 2)
+  assert p.tflops["fwd"] == pytest.approx(p.flops / (p.fwd.ms * 1e-3) / 1e12)
+  assert p.ratios["vs_best_peer_fwd"] == pytest.approx(p.tflops["fwd"] / peer.tflops["fwd"])
+  assert any("INTERPRET MODE" in n for n in p.notes)
+  assert rows["jax.nn(cudnn)"].fwd.status.startswith("skipped (needs a GPU")
+  assert rows["splash"].fwd.status.startswith("skipped (needs a TPU")
+  md = res["markdown"]
+  assert "| fwd TFLOP/s |" in md and "this/best peer fwd" in md and "Targets of issue 3" in md
+
+
+def test_bench_decode_refusal_and_tiny_interpret_run(capsys):
+  """experiments/bench_decode.py: refuses interpret mode by default; tiny interpret run agrees
+  with attnjax xla."""
+  spec = importlib.util.spec_from_file_location("bench_decode", BENCH.parent / "bench_decode.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  if mod.jax.default_backend() != "cpu":
+    pytest.skip("CPU-only expectations")
+  with pytest.raises(SystemExit):
+    mod.parse_args(["--lengths", "64"])
+  assert "interpret mode" in capsys.readouterr().err
+  rows = mod.main(["--allow-interpret", "--lengths", "64", "--batch", "1", "--heads", "4",
+                   "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32", "--block-kv",
+                   "16", "--num-splits", "2", "--repeats", "1", "--warmup", "1"])
+  assert len(rows) == 1 and rows[0]["decode_ms"] > 0 and rows[0]["err"] < 1e-5
+  assert "INTERPRET MODE" in capsys.readouterr().out
