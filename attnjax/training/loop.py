@@ -1,0 +1,363 @@
+"""The training driver: ``run(cfg, workdir, resume=...)`` (what ``experiments/train.py`` calls).
+
+Order of work: mesh -> datasets -> abstract model/optimizer state and its shardings ->
+restore (``resume``) or jitted sharded init -> train loop (tqdm, JSONL/TensorBoard metrics,
+periodic eval and checkpoints) -> final eval, plot, generated sample (LMs), ``summary.json``.
+
+Determinism: the data order is a function of ``(seed, process index, process count)`` and the
+iterator position is checkpointed with the state; randomness inside a step uses
+``fold_in(key(seed), step)``. A run killed at any point and resumed with ``resume=True``
+therefore reaches the same parameters as an uninterrupted run (tested bit-exact on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from attnjax.training import checkpoint as ckpt_lib
+from attnjax.training import mesh as mesh_lib
+from attnjax.training import metrics as metrics_lib
+from attnjax.training import optim as optim_lib
+from attnjax.training import steps as steps_lib
+
+log = logging.getLogger("attnjax.training")
+
+# Model config keys filled from the dataset when left as None.
+_FROM_DATA = {"lm": {"vocab_size": "vocab_size", "max_len": "seq_len"},
+              "vit": {"num_classes": "num_classes", "image_size": "image_shape",
+                      "in_channels": "image_shape"}}
+_DATA_KIND = {"lm": "text", "vit": "image"}
+
+
+@dataclasses.dataclass
+class RunResult:
+  """What :func:`run` returns: the summary (also in ``workdir/summary.json``), the final train
+  state (sharded arrays) and the model with the final parameters."""
+  summary: dict
+  state: dict
+  model: Any
+  workdir: str
+
+
+def _get(cfg, key, default=None):
+  v = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+  return default if v is None else v
+
+
+def config_hash(cfg) -> str:
+  d = {k: cfg[k] for k in ("model", "data", "optim", "seed", "batch_size") if k in cfg}
+  return hashlib.sha256(json.dumps(_to_dict(d), sort_keys=True, default=str).encode()
+                        ).hexdigest()[:16]
+
+
+def _to_dict(x):
+  if hasattr(x, "to_dict"):
+    return x.to_dict()
+  if isinstance(x, dict):
+    return {k: _to_dict(v) for k, v in x.items()}
+  return x
+
+
+def model_config(cfg, info) -> dict:
+  """``cfg.model`` as a dict with ``None`` entries filled from the dataset info."""
+  m = _to_dict(cfg.model)
+  kind = m.get("kind")
+  if kind not in _FROM_DATA:
+    raise ValueError(f"model.kind={kind!r} is not supported by the training script; allowed "
+                     f"values: {sorted(_FROM_DATA)}")
+  if info.kind != _DATA_KIND[kind]:
+    raise ValueError(f"model.kind={kind!r} needs a {_DATA_KIND[kind]!r} dataset, but "
+                     f"data.name={info.name!r} is {info.kind!r}")
+  for key, attr in _FROM_DATA[kind].items():
+    if key in m and m[key] is None:
+      v = getattr(info, attr)
+      m[key] = {"image_size": lambda s: tuple(s[:2]), "in_channels": lambda s: s[2]}.get(
+          key, lambda x: x)(v)
+  if kind == "lm" and m.get("vocab_size", 0) < (info.vocab_size or 0):
+    raise ValueError(f"model.vocab_size={m.get('vocab_size')} is smaller than the dataset's "
+                     f"vocab_size={info.vocab_size}")
+  return {k: v for k, v in m.items() if v is not None or k in ("num_kv_heads", "head_dim")}
+
+
+class _Timer:
+  def __init__(self):
+    self.t = time.perf_counter()
+
+  def lap(self) -> float:
+    now = time.perf_counter()
+    dt, self.t = now - self.t, now
+    return dt
+
+
+def _bytes_per_token(info) -> float | None:
+  bpt = getattr(info, "bytes_per_token", None)
+  if bpt:
+    return float(bpt)
+  return 1.0 if info.kind == "text" and info.vocab_size == 256 else None
+
+
+def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = None,
+        progress: bool = True) -> RunResult:
+  """Train and evaluate ``cfg`` in ``workdir`` (see ``configs/`` for the keys).
+
+  ``resume``: continue from the latest checkpoint in ``workdir`` (or ``resume_step``); without
+  it an existing checkpoint in ``workdir`` is an error (never overwritten)."""
+  from attnjax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from attnjax import models as models_lib  # pylint: disable=import-outside-toplevel
+
+  t_start = time.perf_counter()
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  kind = cfg.model.kind
+
+  # ---------------------------------------------------------------- mesh and batch sizes
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  mesh_lib.check_sequence_parallel(mesh)
+  nb = mesh_lib.batch_axes_size(mesh)
+  accum = int(_get(cfg, "grad_accum_steps", 1))
+  B = int(cfg.batch_size)
+  pc, pi = jax.process_count(), jax.process_index()
+  if accum < 1 or B % (accum * nb) or B % pc:
+    raise ValueError(f"batch_size={B} must be divisible by grad_accum_steps ({accum}) x the "
+                     f"batch mesh axes data*fsdp ({nb}) and by the process count ({pc})")
+  eval_B = int(_get(cfg, "eval_batch_size", B))
+  if eval_B % nb or eval_B % pc:
+    raise ValueError(f"eval_batch_size={eval_B} must be divisible by data*fsdp ({nb}) and by "
+                     f"the process count ({pc})")
+  log.info("mesh: %s", mesh_lib.describe_mesh(mesh))
+
+  # ---------------------------------------------------------------- data
+  seed = int(cfg.seed)
+  train_ds = data_lib.make_dataset(cfg.data, split="train", batch_size=B // pc, seed=seed,
+                                   shard_index=pi, shard_count=pc)
+  eval_ds = data_lib.make_dataset(cfg.data, split="eval", batch_size=eval_B // pc, seed=seed,
+                                  shard_index=pi, shard_count=pc)
+  info = train_ds.info
+
+  # ---------------------------------------------------------------- model, optimizer, shardings
+  mcfg = model_config(cfg, info)
+  num_steps = int(cfg.num_steps)
+  tx, schedule = optim_lib.make_optimizer(cfg.optim, num_steps)
+
+  def init_fn():
+    model = models_lib.build_model(mcfg, rngs=nnx.Rngs(seed))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
+            "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(seed))}
+
+  abs_model = nnx.eval_shape(lambda: models_lib.build_model(mcfg, rngs=nnx.Rngs(seed)))
+  graphdef, _, _ = nnx.split(abs_model, nnx.Param, ...)
+  abs_state = jax.eval_shape(init_fn)
+  state_sh = mesh_lib.param_shardings(abs_state, mesh,
+                                      int(_get(cfg.mesh, "fsdp_min_size", 2 ** 14)))
+  abs_state_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abs_state, state_sh)
+  n_params = steps_lib.count_params(abs_state["params"])
+  log.info("model: %s, %s parameters", kind, f"{n_params:,}")
+
+  # ---------------------------------------------------------------- checkpoints / resume
+  ck = cfg.checkpoint
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               max_to_keep=int(_get(ck, "max_to_keep", 3)),
+                               async_save=bool(_get(ck, "async_save", True)))
+  train_iter = train_ds.iterator()
+  existing = ckpt.all_steps()
+  state = None
+  if existing and not resume:
+    raise ckpt_lib.CheckpointError(
+        f"{workdir} already holds checkpoints (steps {existing}); pass --resume to continue "
+        f"that run, or choose another --workdir. Nothing was overwritten.")
+  if resume and existing:
+    step0 = existing[-1] if resume_step is None else int(resume_step)
+    later = [s for s in existing if s > step0]
+    if later:
+      raise ckpt_lib.CheckpointError(
+          f"--resume_step={step0}: {ckpt.directory} also holds the later checkpoints {later}, "
+          f"which this run would overwrite. Move them out of the way first (e.g. "
+          f"mv {ckpt.directory}/{later[-1]} {workdir}/bad-{later[-1]}); nothing was changed.")
+    state, meta = ckpt.restore(step0, abs_state_sh, train_iter)
+    if meta.get("config_hash") not in (None, config_hash(cfg)):
+      log.warning("resuming step %d of a run with a different model/data/optim config "
+                  "(hash %s, now %s)", step0, meta.get("config_hash"), config_hash(cfg))
+    log.info("resumed from step %d of %s", step0, ckpt.directory)
+  elif resume:
+    log.info("--resume: no checkpoint in %s, starting from step 0", ckpt.directory)
+  if state is None:
+    state = jax.jit(init_fn, out_shardings=state_sh)()
+  start = int(state["step"])
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(_to_dict(cfg), f, indent=2, default=str)
+
+  # ---------------------------------------------------------------- compiled steps
+  train_step = jax.jit(
+      steps_lib.make_train_step(kind, graphdef, tx, schedule, mesh=mesh, grad_accum_steps=accum,
+                                aux_loss_coef=float(_get(cfg, "aux_loss_coef", 0.0))),
+      in_shardings=(state_sh, None), out_shardings=(state_sh, mesh_lib.replicated(mesh)),
+      donate_argnums=0)
+  eval_step = jax.jit(steps_lib.make_eval_step(kind, graphdef),
+                      in_shardings=(state_sh["params"], state_sh["rest"], None),
+                      out_shardings=mesh_lib.replicated(mesh))
+  bpt = _bytes_per_token(info)
+
+  def evaluate(st) -> dict:
+    max_batches = int(_get(cfg, "eval_steps", -1))
+    sums, n = None, 0
+    for batch in eval_ds.iterator():
+      if 0 < max_batches <= n:
+        break
+      m = eval_step(st["params"], st["rest"], mesh_lib.global_batch(mesh, batch))
+      sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+      n += 1
+    return steps_lib.summarize(kind, jax.device_get(sums), bpt or 1.0)
+
+  # ---------------------------------------------------------------- loop
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
+                                    resume_step=start if start > 0 else None)
+  log_every = max(1, int(_get(cfg, "log_every", 50)))
+  eval_every = int(_get(cfg, "eval_every", 0))
+  ckpt_every = int(_get(ck, "every", 0))
+  units = "tokens" if kind == "lm" else "images"
+  per_step = B * (info.seq_len if kind == "lm" else 1)
+  meta = {"kind": kind, "param_count": n_params, "config_hash": config_hash(cfg)}
+  pending, history = [], {"train_time": 0.0, "train_steps": 0}
+  eval_metrics = None
+  pbar = None
+  if progress and is_main:
+    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    pbar = tqdm(total=num_steps, initial=start, desc=f"train {kind}", unit="step",
+                dynamic_ncols=True)
+  timer, timed_steps = None, 0
+  try:
+    if start == 0 and bool(_get(cfg, "eval_at_start", False)):
+      eval_metrics = evaluate(state)
+      writer.write(0, "eval", eval_metrics)
+    for step in range(start, num_steps):
+      batch = mesh_lib.global_batch(mesh, next(train_iter))
+      state, m = train_step(state, batch)
+      pending.append(m)
+      if timer is None:  # exclude compilation and the first step from throughput
+        jax.block_until_ready(m)
+        timer, timed_steps = _Timer(), 0
+        pending_time_steps = 0
+      else:
+        timed_steps += 1
+      done = step + 1
+      if done % log_every == 0 or done == num_steps:
+        ms = jax.device_get(pending)
+        pending = []
+        sums = {k: sum(float(x[k]) for x in ms) for k in steps_lib.METRIC_KEYS}
+        sums["aux"] /= len(ms)
+        rec = steps_lib.summarize(kind, sums, bpt or 1.0)
+        if not np.isfinite(rec["loss"]):
+          raise FloatingPointError(
+              f"train loss is {rec['loss']} at step {done}; stopping before it is "
+              f"checkpointed (checkpoints so far: {ckpt.all_steps()}). Lower optim.lr or "
+              f"raise optim.warmup_steps, then --resume or start a new --workdir.")
+        if bpt is None:
+          rec.pop("bits_per_byte", None)
+        rec["grad_norm"] = float(ms[-1]["grad_norm"])
+        rec["lr"] = float(ms[-1]["lr"])
+        dt = timer.lap()
+        if timed_steps - pending_time_steps > 0 and dt > 0:
+          n = timed_steps - pending_time_steps
+          rec[f"{units}_per_s"] = n * per_step / dt
+          history["train_time"] += dt
+          history["train_steps"] += n
+        pending_time_steps = timed_steps
+        writer.write(done, "train", rec)
+        if pbar is not None:
+          post = {"loss": f"{rec['loss']:.3f}"}
+          if f"{units}_per_s" in rec:
+            post[f"{units[:3]}/s"] = f"{rec[f'{units}_per_s']:.0f}"
+          pbar.set_postfix(post, refresh=False)
+      if (eval_every and done % eval_every == 0) or done == num_steps:
+        t_eval = time.perf_counter()
+        eval_metrics = evaluate(state)
+        writer.write(done, "eval", eval_metrics)
+        if pbar is not None:
+          pbar.write(f"step {done}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in
+                                                       eval_metrics.items()))
+        if timer is not None:  # eval time is not training throughput
+          timer.t += time.perf_counter() - t_eval
+      if (ckpt_every and done % ckpt_every == 0) or done == num_steps:
+        t_ck = time.perf_counter()
+        ckpt.save(done, state, train_iter, meta)
+        if timer is not None:
+          timer.t += time.perf_counter() - t_ck
+      if pbar is not None:
+        pbar.update(1)
+  finally:
+    if pbar is not None:
+      pbar.close()
+    ckpt.close()
+    writer.close()
+
+  if start >= num_steps:  # resumed at the end: evaluate the restored state
+    eval_metrics = evaluate(state)
+
+  # ---------------------------------------------------------------- summary
+  model = nnx.merge(graphdef, state["params"], state["rest"])
+  summary = {"config": os.path.basename(str(_get(cfg, "name", ""))) or None,
+             "kind": kind, "dataset": info.name, "steps": num_steps, "resumed_from": start,
+             "param_count": n_params, "seed": seed, "model_config": mcfg,
+             "mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names},
+             "devices": int(mesh.devices.size), "platform": mesh.devices.flat[0].platform,
+             "final_eval": eval_metrics, "wall_time_s": time.perf_counter() - t_start}
+  if history["train_steps"]:
+    summary[f"train_{units}_per_s"] = history["train_steps"] * per_step / history["train_time"]
+  if kind == "lm":
+    if bpt is not None:
+      try:
+        summary["unigram_bits_per_byte"] = float(data_lib.unigram_bits_per_byte(cfg.data))
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("no unigram baseline for %s: %s", info.name, e)
+    sample_cfg = _get(cfg, "sample", {})
+    n_new = int(_get(sample_cfg, "max_new_tokens", 0))
+    if n_new > 0 and info.vocab_size == 256:
+      prompt = str(_get(sample_cfg, "prompt", "def ")).encode("utf-8")
+      toks = models_lib.generate(model, np.frombuffer(prompt, np.uint8).astype(np.int32)[None],
+                                 n_new, temperature=0.0)
+      out = bytes(np.asarray(jax.device_get(toks))[0].astype(np.uint8).tolist())
+      summary["sample"] = {"prompt": metrics_lib.safe_bytes(prompt),
+                           "greedy_continuation": metrics_lib.safe_bytes(out[len(prompt):])}
+  if is_main:
+    metrics_lib.plot_curves(workdir, kind)
+    metrics_lib.write_summary(workdir, summary)
+    _print_summary(summary)
+  return RunResult(summary=summary, state=state, model=model, workdir=workdir)
+
+
+def _print_summary(s: dict):
+  ev = s["final_eval"]
+  lines = [f"== {s['kind']} on {s['dataset']}: {s['steps']} steps, {s['param_count']:,} params, "
+           f"{s['devices']} {s['platform']} device(s), {s['wall_time_s']:.1f}s wall"]
+  if s["kind"] == "lm":
+    line = f"eval loss {ev['loss']:.4f} nats/token"
+    if "bits_per_byte" in ev:
+      line += f", {ev['bits_per_byte']:.4f} bits/byte"
+    if "unigram_bits_per_byte" in s:
+      line += f" (unigram baseline {s['unigram_bits_per_byte']:.4f})"
+    lines.append(line)
+  else:
+    lines.append(f"eval loss {ev['loss']:.4f}, accuracy {ev['accuracy']:.4f}")
+  for k in ("train_tokens_per_s", "train_images_per_s"):
+    if k in s:
+      lines.append(f"throughput {s[k]:.0f} {k.split('_')[1]}/s")
+  if "sample" in s:
+    lines.append(f"sample (greedy): {s['sample']['prompt']!r} -> "
+                 f"{s['sample']['greedy_continuation']!r}")
+  print("\n".join(lines), flush=True)

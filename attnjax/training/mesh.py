@@ -1,0 +1,221 @@
+"""Device mesh, multi-host start-up and sharding of parameters and batches.
+
+Mesh axes are always ``("data", "fsdp", "tensor", "sequence")`` (:data:`MESH_AXES`):
+
+* ``data``     pure data parallelism (parameters replicated);
+* ``fsdp``     data parallelism with parameters (and optimizer state) sharded: every parameter
+               gets its largest unannotated dimension divisible by the axis size split over
+               ``"fsdp"`` (ZeRO-3 / FSDP style; XLA inserts the all-gathers);
+* ``tensor``   tensor parallelism, taken from the layers' own partition metadata (head axes ->
+               ``"tensor"``, see :data:`attnjax.layers.common.AXIS_RULES`);
+* ``sequence`` context parallelism. The layers do not take a mesh, so a ``sequence`` axis > 1
+               is rejected with ``NotImplementedError`` (:func:`check_sequence_parallel`).
+
+The batch dimension of every input is sharded over ``("data", "fsdp")`` (:data:`BATCH_AXES`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+BATCH_AXES = ("data", "fsdp")
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-host
+# ---------------------------------------------------------------------------------------------
+
+def _cluster_env_detected() -> str | None:
+  """Name of the multi-process environment the variables describe, or None."""
+  env = os.environ
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return "JAX_COORDINATOR_ADDRESS"
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+    return "SLURM"
+  if "OMPI_MCA_orte_hnp_uri" in env:
+    return "Open MPI"
+  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    return "multi-host Cloud TPU"
+  return None
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> bool:
+  """Start ``jax.distributed`` when running on several processes.
+
+  ``mode``: ``"auto"`` initializes when the environment says this is one process of many
+  (``JAX_COORDINATOR_ADDRESS`` [with ``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` or cluster
+  auto-detection], a SLURM job with several tasks, Open MPI, or a multi-host Cloud TPU slice);
+  ``"on"`` always calls ``jax.distributed.initialize()`` (which auto-detects the cluster);
+  ``"off"`` never does. Must run before any other JAX call. Returns whether it initialized.
+  """
+  if mode not in ("auto", "on", "off"):
+    raise ValueError(f"multihost={mode!r} is not supported; allowed values: 'auto', 'on', 'off'")
+  if mode == "off":
+    return False
+  reason = _cluster_env_detected() if mode == "auto" else "multihost=on"
+  if reason is None:
+    return False
+  kwargs = {}
+  if os.environ.get("JAX_NUM_PROCESSES"):
+    kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+  if os.environ.get("JAX_PROCESS_ID"):
+    kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+  log.info("initializing jax.distributed (%s) %s", reason, kwargs)
+  jax.distributed.initialize(**kwargs)
+  return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh
+# ---------------------------------------------------------------------------------------------
+
+def resolve_mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> dict[str, int]:
+  """Axis sizes from the config (``-1`` = fill with the remaining devices).
+
+  Raises ValueError when an axis is unknown, a size is invalid, more than one axis is ``-1``,
+  or the product of the sizes is not ``num_devices``."""
+  extra = sorted(k for k in mesh_cfg.keys() if k not in MESH_AXES + ("num_devices", "fsdp_min_size"))
+  if extra:
+    raise ValueError(f"unknown mesh axes {extra}; the mesh axes are {MESH_AXES}")
+  sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+  fill = [a for a, s in sizes.items() if s == -1]
+  bad = {a: s for a, s in sizes.items() if s == 0 or s < -1}
+  if bad:
+    raise ValueError(f"mesh axis sizes must be >= 1 or -1 (fill), got {bad}")
+  if len(fill) > 1:
+    raise ValueError(f"at most one mesh axis may be -1 (fill), got {fill}")
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ValueError(
+          f"mesh {sizes}: the fixed axes multiply to {known}, which does not divide the "
+          f"{num_devices} devices, so axis {fill[0]!r}=-1 cannot be filled")
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(
+        f"mesh {sizes} has {math.prod(sizes.values())} devices but {num_devices} devices are "
+        f"used (jax.device_count()={jax.device_count()}); the product of the mesh axis sizes "
+        f"must equal the device count (set one axis to -1 to fill)")
+  return sizes
+
+
+def make_mesh(mesh_cfg: Mapping[str, Any]) -> jax.sharding.Mesh:
+  """The ``("data", "fsdp", "tensor", "sequence")`` mesh described by ``mesh_cfg``.
+
+  ``mesh_cfg.num_devices`` (default -1 = all) uses only the first N devices (single process
+  only; e.g. a 1-device run on a host with simulated devices)."""
+  n = int(mesh_cfg.get("num_devices", -1))
+  devices = jax.devices()
+  if n != -1:
+    if n < 1 or n > len(devices):
+      raise ValueError(f"mesh.num_devices={n} but {len(devices)} devices are available")
+    if n != len(devices) and jax.process_count() > 1:
+      raise ValueError("mesh.num_devices must be -1 (all devices) in a multi-process run")
+    devices = devices[:n]
+  sizes = resolve_mesh_shape(mesh_cfg, len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  try:
+    dev_array = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # pylint: disable=broad-except  # non-TPU topologies: plain reshape
+    dev_array = np.asarray(devices).reshape(shape)
+  return jax.sharding.Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def check_sequence_parallel(mesh: jax.sharding.Mesh):
+  """Sequence (context) parallelism needs attention layers that take a mesh and run
+  :func:`attnjax.parallel.context_parallel_attention`; the layers do not (yet), so a
+  ``sequence`` axis > 1 is an error rather than silently replicated work."""
+  if mesh.shape["sequence"] > 1:
+    raise NotImplementedError(
+        f"mesh axis 'sequence'={mesh.shape['sequence']}: sequence (context) parallelism is not "
+        "available in the training script because the attnjax layers do not accept a mesh "
+        "(attnjax.parallel.context_parallel_attention is only callable directly). Use "
+        "mesh.sequence=1 and put the devices on 'data', 'fsdp' or 'tensor'.")
+
+
+def batch_axes_size(mesh: jax.sharding.Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) dimension over ``("data", "fsdp")``, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(mesh: jax.sharding.Mesh, local_batch: Mapping[str, np.ndarray]) -> dict:
+  """Host-local numpy batch -> global ``jax.Array`` sharded over the batch axes (each process
+  contributes its rows; works unchanged on one process)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)),
+                                                    np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter shardings
+# ---------------------------------------------------------------------------------------------
+
+def _spec_for(shape, spec: P, mesh: jax.sharding.Mesh, fsdp_min_size: int, name: str) -> P:
+  axes = list(tuple(spec)) + [None] * (len(shape) - len(tuple(spec)))
+  if len(axes) != len(shape):
+    raise ValueError(f"parameter {name}: partition spec {spec} has more entries than its "
+                     f"shape {tuple(shape)}")
+  for i, a in enumerate(axes):
+    names = a if isinstance(a, tuple) else ((a,) if a is not None else ())
+    for n in names:
+      if n not in mesh.axis_names:
+        raise ValueError(f"parameter {name}: partition spec {spec} names mesh axis {n!r}, "
+                         f"which is not one of {mesh.axis_names}")
+    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    if size > 1 and shape[i] % size:
+      log.warning("parameter %s: dimension %d (size %d) is not divisible by mesh axes %s "
+                  "(size %d); that dimension is replicated instead", name, i, shape[i], names,
+                  size)
+      axes[i] = None
+  f = mesh.shape["fsdp"]
+  if f > 1 and int(np.prod(shape)) >= fsdp_min_size:
+    free = [i for i, a in enumerate(axes) if a is None and shape[i] % f == 0]
+    if free:
+      i = max(free, key=lambda j: (shape[j], -j))
+      axes[i] = "fsdp"
+  return P(*axes)
+
+
+def param_shardings(abstract_state, mesh: jax.sharding.Mesh, fsdp_min_size: int = 2 ** 14):
+  """``NamedSharding`` tree for an (abstract) NNX state: the layers' partition metadata
+  (``nnx.get_partition_spec``), dimensions not divisible by their mesh axes replicated (with a
+  warning), plus FSDP sharding of the largest free dimension for parameters with at least
+  ``fsdp_min_size`` elements. Leaves without metadata are replicated (+ FSDP)."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  specs = nnx.get_partition_spec(abstract_state)
+  paths_specs, treedef = jax.tree_util.tree_flatten_with_path(
+      specs, is_leaf=lambda x: isinstance(x, P))
+  shapes = jax.tree.leaves(abstract_state)
+  if len(shapes) != len(paths_specs):
+    raise ValueError("internal error: partition specs and state leaves do not line up")
+  out = []
+  for (path, spec), leaf in zip(paths_specs, shapes):
+    name = jax.tree_util.keystr(path)
+    spec = spec if isinstance(spec, P) else P()
+    out.append(NamedSharding(mesh, _spec_for(leaf.shape, spec, mesh, fsdp_min_size, name)))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def describe_mesh(mesh: jax.sharding.Mesh) -> str:
+  return " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES) + (
+      f" over {mesh.devices.size} {mesh.devices.flat[0].platform} device(s), "
+      f"{jax.process_count()} process(es)")
