@@ -68,7 +68,9 @@ def get_config():
   c.mesh.data = 1
   c.mesh.fsdp = -1
   c.mesh.tensor = 2
-  c.mesh.sequence = 1
+  c.mesh.sequence = 1            # >1: context parallelism (sequence sharded over this axis)
+  c.mesh.sequence_strategy = "ring"        # ring | all_gather | ulysses
+  c.mesh.sequence_load_balance = "zigzag"  # zigzag | striped | none
   c.mesh.num_devices = -1       # -1: all devices; N: the first N (single process)
   c.mesh.fsdp_min_size = 2 ** 14  # smaller parameters are not FSDP-sharded
 

@@ -15,7 +15,12 @@
 
 Devices. The mesh is ``cfg.mesh`` over axes ``data, fsdp, tensor, sequence`` (``-1`` fills);
 the same command runs on one CPU, on simulated devices
-(``XLA_FLAGS=--xla_force_host_platform_device_count=8``) and on GPU/TPU hosts.
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``) and on GPU/TPU hosts. For LMs,
+``--config.mesh.sequence=N`` (N > 1) is context parallelism: the token axis of every batch is
+permuted into a load-balancing layout (``mesh.sequence_load_balance``, default ``zigzag``) and
+sharded over ``sequence``, and every attention layer runs
+``attnjax.parallel.context_parallel_attention`` (``mesh.sequence_strategy``: ``ring`` default,
+``all_gather``, ``ulysses``). ViTs raise ``NotImplementedError`` for ``sequence > 1``.
 
 Multi-host. With ``cfg.distributed="auto"`` (default) ``jax.distributed.initialize()`` is
 called when the environment describes a multi-process job: ``JAX_COORDINATOR_ADDRESS`` (plus

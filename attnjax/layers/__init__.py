@@ -15,7 +15,8 @@ from attnjax.layers.cascaded import CascadedGroupAttention
 from attnjax.layers.channel import ChannelAttention
 from attnjax.layers.common import KVCache, LatentKVCache, CrossKV, RMSNorm, apply_rope
 from attnjax.layers.hilo import HiLoAttention
-from attnjax.layers.mha import MultiHeadAttention, sliding_window_attention
+from attnjax.layers.mha import (ContextParallel, MultiHeadAttention,
+                                sliding_window_attention)
 from attnjax.layers.mla import MultiHeadLatentAttention
 from attnjax.layers.moh import MixtureOfHeadsAttention
 from attnjax.layers.neighborhood import (NeighborhoodAttention1D, NeighborhoodAttention2D,
@@ -25,6 +26,7 @@ from attnjax.layers.strided import StridedHeadsAttention
 from attnjax.layers.window import WindowAttention
 
 __all__ = [
+    "ContextParallel",
     "MultiHeadAttention", "sliding_window_attention", "StridedHeadsAttention",
     "MultiHeadLatentAttention", "MixtureOfHeadsAttention", "KVCache", "LatentKVCache", "CrossKV",
     "RMSNorm", "apply_rope", "NeighborhoodAttention1D", "NeighborhoodAttention2D",

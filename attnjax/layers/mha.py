@@ -11,6 +11,9 @@ OpenAI gpt-oss (attention sinks as learned softmax logits).
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +24,61 @@ from attnjax import scores as scores_lib
 from attnjax.layers import common
 
 GATES = (None, "headwise", "elementwise")
+CP_LOAD_BALANCE = (None, "contiguous", "zigzag", "striped")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallel:
+  """Context-parallel setting of an attention layer (see
+  :meth:`MultiHeadAttention.set_context_parallel`).
+
+  ``mesh``: the :class:`jax.sharding.Mesh`; ``axis``: the mesh axis the sequence is sharded
+  over (for ``strategy="usp"`` the ring axis); ``strategy``: one of
+  :data:`attnjax.parallel.STRATEGIES`; ``load_balance``: the layout the tokens are in when the
+  call gives no ``positions`` (``None``/``"contiguous"``, ``"zigzag"``, ``"striped"``, with
+  ``num_shards`` = size of ``axis``); ``batch_axis``: mesh axis (or tuple) the batch dimension
+  is sharded over (``None``: replicated); ``ulysses_axis``: the head all-to-all axis of
+  ``"usp"``; ``max_branches``: see :func:`attnjax.parallel.context_parallel_attention`.
+  Immutable and hashable (it is static model structure)."""
+  mesh: Any
+  axis: str = "sequence"
+  strategy: str = "ring"
+  load_balance: str | None = None
+  batch_axis: Any = None
+  ulysses_axis: str | None = None
+  max_branches: int = 8
+
+  def __post_init__(self):
+    from attnjax.parallel import STRATEGIES  # pylint: disable=import-outside-toplevel
+    if not isinstance(self.mesh, jax.sharding.Mesh):
+      raise ValueError(f"context parallelism needs a jax.sharding.Mesh, got "
+                       f"{type(self.mesh).__name__}")
+    if self.strategy not in STRATEGIES:
+      raise ValueError(f"unknown context-parallel strategy {self.strategy!r}; choose one of "
+                       f"{STRATEGIES}")
+    if self.load_balance not in CP_LOAD_BALANCE:
+      raise ValueError(f"unknown load_balance {self.load_balance!r}; choose one of "
+                       f"{CP_LOAD_BALANCE}")
+    if isinstance(self.batch_axis, list):
+      object.__setattr__(self, "batch_axis", tuple(self.batch_axis))
+    names = tuple(self.mesh.axis_names)
+    for role, a in (("axis", self.axis), ("ulysses_axis", self.ulysses_axis)):
+      if a is not None and a not in names:
+        raise ValueError(f"context parallelism: {role} {a!r} is not an axis of the mesh "
+                         f"(mesh axes: {names})")
+
+  @property
+  def num_shards(self) -> int:
+    """Size of ``axis`` (the ring / all-gather axis)."""
+    return int(self.mesh.shape[self.axis])
+
+  def layout(self, seq_len: int) -> np.ndarray:
+    """Global positions ``[seq_len]`` of the tokens laid out by ``load_balance``."""
+    from attnjax.parallel import load_balance_permutation  # pylint: disable=import-outside-toplevel
+    # num_shards = size of ``axis`` (also for "usp"), as context_parallel_attention's own
+    # load_balance= argument
+    return np.asarray(load_balance_permutation(seq_len, self.num_shards, self.load_balance),
+                      np.int32)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -60,6 +118,12 @@ class MultiHeadAttention(nnx.Module):
   the oldest slots are overwritten, which jit cannot report).
   Cross attention decodes by projecting the memory once (:meth:`project_memory`) and passing
   the result as ``kv`` with the new tokens' ``positions``.
+
+  Context parallelism: :meth:`set_context_parallel` makes the parallel self-attention forward
+  run :func:`attnjax.parallel.context_parallel_attention` over a mesh axis (the sequence of
+  ``x`` sharded over it, tokens in a load-balancing layout at static global ``positions``);
+  layer masks, learned or call-time sinks and ``segment_ids`` carry over, cross attention,
+  ``score_mod`` and ``bias`` raise ``NotImplementedError``; decoding ignores it.
 
   Parameters are ``param_dtype`` (float32); projections and attention run in ``dtype``
   (float32 or bfloat16); the output has ``dtype``. Kernels carry sharding annotations whose
@@ -136,6 +200,76 @@ class MultiHeadAttention(nnx.Module):
       self.sinks = nnx.Param(init(rngs.params(), (H,), self.param_dtype))
     else:
       self.sinks = None
+    self.context_parallel = None  # see set_context_parallel
+
+  # ------------------------------------------------------------------------------ parallel
+  def set_context_parallel(self, context_parallel=None, **kwargs):
+    """Run the parallel self-attention forward with
+    :func:`attnjax.parallel.context_parallel_attention` (sequence sharded over a mesh axis).
+
+    ``context_parallel``: a :class:`ContextParallel`, a ``jax.sharding.Mesh`` (then ``kwargs``
+    are the other :class:`ContextParallel` fields: ``axis``, ``strategy``, ``load_balance``,
+    ``batch_axis`` ...), a dict of those fields, or ``None`` to switch it off.
+
+    Under context parallelism the input ``x [B, T, .]`` is in the layout order: token ``t`` of
+    the input sits at global position ``positions[t]``, where ``positions`` (call argument)
+    must then be static (numpy / list) of shape ``[T]``; without it the layout of
+    ``load_balance`` is used. RoPE and the masks use these global positions, so the output is
+    the single-device output permuted the same way. Not supported (``NotImplementedError``,
+    never a silent fallback): cross attention, ``score_mod`` and ``bias``. Decoding
+    (:meth:`decode`) ignores the setting (the KV cache lives on one device)."""
+    if context_parallel is None:
+      if kwargs:
+        raise ValueError(f"set_context_parallel(None) takes no other arguments, got "
+                         f"{sorted(kwargs)}")
+      self.context_parallel = None
+      return self
+    if isinstance(context_parallel, ContextParallel):
+      if kwargs:
+        raise ValueError("pass either a ContextParallel or a mesh with keyword arguments")
+      cp = context_parallel
+    elif isinstance(context_parallel, dict):
+      cp = ContextParallel(**dict(context_parallel, **kwargs))
+    else:
+      cp = ContextParallel(context_parallel, **kwargs)
+    self.context_parallel = cp
+    return self
+
+  def _cp_positions(self, positions, T):
+    """Static global positions ``[T]`` of the laid-out tokens under context parallelism."""
+    cp = self.context_parallel
+    if positions is None:
+      return cp.layout(T)
+    if isinstance(positions, jax.core.Tracer):
+      raise ValueError("context-parallel attention needs static positions (a numpy array or "
+                       "list of ints of shape [T]) to plan the masks; got a traced array")
+    pos = np.asarray(positions)
+    if pos.shape != (T,) or not np.issubdtype(pos.dtype, np.integer):
+      raise ValueError(f"context-parallel attention needs positions of shape [T] = [{T}] "
+                       f"(integers, the same layout for every example), got "
+                       f"{pos.dtype}{list(pos.shape)}")
+    if cp.load_balance not in (None, "contiguous") and not np.array_equal(pos, cp.layout(T)):
+      raise ValueError(f"positions do not match the layer's context-parallel layout "
+                       f"load_balance={cp.load_balance!r}; pass the permutation "
+                       f"attnjax.parallel.load_balance_permutation(T, n, "
+                       f"{cp.load_balance!r}) or leave positions=None")
+    return pos.astype(np.int32)
+
+  def _cp_attend(self, q, k, v, kw, positions, segment_ids):
+    cp = self.context_parallel
+    if kw["score_mod"] is not None:
+      raise NotImplementedError("context-parallel attention does not support score_mod "
+                                "(constructor or call time); switch context parallelism off "
+                                "with set_context_parallel(None)")
+    if kw["bias"] is not None:
+      raise NotImplementedError("context-parallel attention does not support bias; switch "
+                                "context parallelism off with set_context_parallel(None)")
+    from attnjax.parallel import context_parallel_attention  # pylint: disable=import-outside-toplevel
+    return context_parallel_attention(
+        q, k, v, mesh=cp.mesh, axis=cp.axis, strategy=cp.strategy,
+        ulysses_axis=cp.ulysses_axis, batch_axis=cp.batch_axis, mask=kw["mask"],
+        segment_ids=segment_ids, sinks=kw["sinks"], positions=positions, impl=kw["impl"],
+        max_branches=cp.max_branches)
 
   # ------------------------------------------------------------------------------ masks
   @property
@@ -210,6 +344,13 @@ class MultiHeadAttention(nnx.Module):
     if x.ndim != 3 or x.shape[-1] != self.in_features:
       raise ValueError(f"x must be [B, T, in_features={self.in_features}], got {x.shape}")
     B, T = x.shape[:2]
+    cp = self.context_parallel
+    if cp is not None and kv is not None:
+      raise NotImplementedError("context-parallel attention is self-attention only; this call "
+                                "passes kv (cross attention). Switch context parallelism off "
+                                "with set_context_parallel(None)")
+    if cp is not None:
+      positions = self._cp_positions(positions, T)
     explicit_q = positions is not None
     q_pos = common.default_positions(positions, B, T) if explicit_q else \
         np.arange(T, dtype=np.int32)
@@ -220,6 +361,9 @@ class MultiHeadAttention(nnx.Module):
         raise ValueError("kv_positions / kv_segment_ids are for cross attention; self "
                          "attention uses positions / segment_ids")
       k, v = self.project_kv(x, q_pos)
+      if cp is not None:
+        return self._cp_attend(q, k.astype(q.dtype), v.astype(q.dtype), kw, positions,
+                               segment_ids)
       pos_kw = dict(q_positions=q_pos, kv_positions=q_pos) if explicit_q else {}
       seg_kw = dict(segment_ids=segment_ids, kv_segment_ids=segment_ids) \
           if segment_ids is not None else {}

@@ -76,6 +76,8 @@ def generate(model, prompt, max_new_tokens: int, *, rng=None, temperature: float
   structure, shapes and sampling settings); ``use_cache=False`` recomputes the full forward
   over the fixed-size token buffer at every step (slow; the reference for tests, and the way
   to generate with an attention that has no KV cache). All prompts have length ``T0``.
+  Context parallelism (``model.set_context_parallel``) is ignored by the cached path and an
+  error with ``use_cache=False``.
   """
   prompt = jnp.asarray(prompt)
   if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
@@ -100,6 +102,11 @@ def generate(model, prompt, max_new_tokens: int, *, rng=None, temperature: float
   prompt = prompt.astype(jnp.int32)
   if max_new_tokens == 0:
     return prompt
+  if not use_cache and getattr(model, "context_parallel", None) is not None:
+    raise ValueError("generate(use_cache=False) runs the parallel forward on tokens in natural "
+                     "order, but the model has context parallelism enabled (tokens in a "
+                     "load-balancing layout); call model.set_context_parallel(None) first, or "
+                     "use use_cache=True (decoding ignores context parallelism)")
   if use_cache and hasattr(model, "_require_decodable"):
     model._require_decodable()  # pylint: disable=protected-access  (clear error before tracing)
   graphdef, state = nnx.split(model)

@@ -15,7 +15,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnjax.layers import common
+from attnjax.layers.mha import MultiHeadAttention
 from attnjax.models.registry import (LM_ATTENTIONS, Dense, LMDims, lookup, model_partitioned)
+
+# LM attentions whose layer (a MultiHeadAttention) runs context-parallel attention.
+CONTEXT_PARALLEL_ATTENTIONS = ("mha", "gqa", "mqa", "gated", "sliding_window", "strided_heads",
+                               "moh")
 
 
 def _explicit_spec(x):
@@ -108,6 +113,13 @@ class DecoderLM(nnx.Module):
   ``return_aux=True`` also returns the sum of the layers' auxiliary losses (MoH load
   balancing; 0.0 for the others), a float32 scalar to be weighted by the caller.
 
+  Context (sequence) parallelism: :meth:`set_context_parallel` makes every attention layer run
+  :func:`attnjax.parallel.context_parallel_attention` over a mesh axis. The tokens are then in
+  a load-balancing layout (:func:`attnjax.parallel.load_balance_permutation` applied to the
+  sequence axis of ``tokens``), ``positions`` is that permutation (static ``[T]``; default: the
+  layout of ``load_balance``), and the logits come back in the same layout (the single-device
+  logits permuted). Decoding ignores it.
+
   Incremental decoding: :meth:`init_cache` gives one cache per layer (the layer's own cache
   type: KV, ring-buffer KV for sliding windows, latent for MLA), :meth:`decode` runs the next
   tokens of each sequence and returns their logits, equal to the parallel forward's.
@@ -171,6 +183,44 @@ class DecoderLM(nnx.Module):
     emb = self.embedding[...].astype(self.dtype)
     return jnp.einsum("btd,vd->btv", x, emb, preferred_element_type=jnp.float32)
 
+  # ------------------------------------------------------------------------------ parallel
+  def set_context_parallel(self, mesh=None, *, axis: str = "sequence", strategy: str = "ring",
+                           load_balance: str | None = "zigzag", batch_axis=None,
+                           ulysses_axis: str | None = None, max_branches: int = 8):
+    """Enable context parallelism in every attention layer (``mesh=None``: disable it).
+
+    ``axis``: the mesh axis the sequence is sharded over; ``strategy``: ``"ring"``,
+    ``"all_gather"``, ``"ulysses"`` or ``"usp"`` (with ``ulysses_axis``); ``load_balance``:
+    the layout the token sequence is in when the call passes no ``positions``
+    (``"zigzag"``, ``"striped"`` or ``None``); ``batch_axis``: mesh axis (or tuple) the batch is
+    sharded over (``None``: replicated across the non-sequence axes). See
+    :class:`attnjax.layers.ContextParallel`. Raises ``NotImplementedError`` for attentions
+    without context-parallel support (:data:`CONTEXT_PARALLEL_ATTENTIONS`). Returns ``self``.
+    """
+    if mesh is None:
+      for block in self.blocks:
+        if isinstance(block.attn, MultiHeadAttention):
+          block.attn.set_context_parallel(None)
+      return self
+    if self.attention not in CONTEXT_PARALLEL_ATTENTIONS or not all(
+        isinstance(b.attn, MultiHeadAttention) for b in self.blocks):
+      raise NotImplementedError(
+          f"context (sequence) parallelism is not implemented for attention="
+          f"{self.attention!r} ({type(self.blocks[0].attn).__name__}); attentions that support "
+          f"it: {list(CONTEXT_PARALLEL_ATTENTIONS)}")
+    from attnjax.layers.mha import ContextParallel  # pylint: disable=import-outside-toplevel
+    cp = ContextParallel(mesh, axis=axis, strategy=strategy, load_balance=load_balance,
+                         batch_axis=batch_axis, ulysses_axis=ulysses_axis,
+                         max_branches=max_branches)
+    for block in self.blocks:
+      block.attn.set_context_parallel(cp)
+    return self
+
+  @property
+  def context_parallel(self):
+    """The layers' :class:`attnjax.layers.ContextParallel` setting, or None."""
+    return getattr(self.blocks[0].attn, "context_parallel", None)
+
   # ------------------------------------------------------------------------------ forward
   def __call__(self, tokens, *, segment_ids=None, positions=None, return_aux: bool = False):
     """``tokens [B, T] -> logits float32 [B, T, vocab]`` (``(logits, aux_loss)`` with
@@ -220,4 +270,4 @@ class DecoderLM(nnx.Module):
     return self._logits(x), tuple(new_cache)
 
 
-__all__ = ["DecoderLM", "DecoderBlock", "SwiGLU"]
+__all__ = ["DecoderLM", "DecoderBlock", "SwiGLU", "CONTEXT_PARALLEL_ATTENTIONS"]

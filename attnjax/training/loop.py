@@ -107,6 +107,27 @@ def _bytes_per_token(info) -> float | None:
   return 1.0 if info.kind == "text" and info.vocab_size == 256 else None
 
 
+CP_STRATEGIES = ("ring", "all_gather", "ulysses")
+
+
+def _context_parallel_setup(cfg, info, n_seq: int):
+  """``None`` without a ``sequence`` axis, else ``{"strategy", "load_balance", "positions"}``
+  from ``mesh.sequence_strategy`` (default "ring") and ``mesh.sequence_load_balance``
+  (default "zigzag"; "none" = contiguous); ``positions`` is the static layout permutation."""
+  if n_seq <= 1:
+    return None
+  from attnjax import parallel as parallel_lib  # pylint: disable=import-outside-toplevel
+  strategy = str(_get(cfg.mesh, "sequence_strategy", "ring"))
+  if strategy not in CP_STRATEGIES:
+    raise ValueError(f"mesh.sequence_strategy={strategy!r}; the training script supports "
+                     f"{CP_STRATEGIES} over the one 'sequence' mesh axis")
+  lb = str(_get(cfg.mesh, "sequence_load_balance", "zigzag"))
+  lb = None if lb in ("none", "None", "contiguous") else lb
+  T = int(info.seq_len)
+  perm = parallel_lib.load_balance_permutation(T, n_seq, lb)  # raises if T does not divide
+  return {"strategy": strategy, "load_balance": lb, "positions": np.asarray(perm, np.int32)}
+
+
 def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = None,
         progress: bool = True) -> RunResult:
   """Train and evaluate ``cfg`` in ``workdir`` (see ``configs/`` for the keys).
@@ -123,7 +144,7 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
 
   # ---------------------------------------------------------------- mesh and batch sizes
   mesh = mesh_lib.make_mesh(cfg.mesh)
-  mesh_lib.check_sequence_parallel(mesh)
+  n_seq = mesh_lib.check_sequence_parallel(mesh, kind)
   nb = mesh_lib.batch_axes_size(mesh)
   accum = int(_get(cfg, "grad_accum_steps", 1))
   B = int(cfg.batch_size)
@@ -147,6 +168,7 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
 
   # ---------------------------------------------------------------- model, optimizer, shardings
   mcfg = model_config(cfg, info)
+  cp = _context_parallel_setup(cfg, info, n_seq)
   num_steps = int(cfg.num_steps)
   tx, schedule = optim_lib.make_optimizer(cfg.optim, num_steps)
 
@@ -158,6 +180,12 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
             "rng": jax.random.key_data(jax.random.key(seed))}
 
   abs_model = nnx.eval_shape(lambda: models_lib.build_model(mcfg, rngs=nnx.Rngs(seed)))
+  if cp is not None:  # static model structure: it travels in the graphdef into the steps
+    abs_model.set_context_parallel(mesh, axis=mesh_lib.SEQUENCE_AXIS, strategy=cp["strategy"],
+                                   load_balance=cp["load_balance"],
+                                   batch_axis=mesh_lib.BATCH_AXES)
+    log.info("context parallelism: sequence=%d, strategy=%s, load_balance=%s", n_seq,
+             cp["strategy"], cp["load_balance"])
   graphdef, _, _ = nnx.split(abs_model, nnx.Param, ...)
   abs_state = jax.eval_shape(init_fn)
   state_sh = mesh_lib.param_shardings(abs_state, mesh,
@@ -203,12 +231,28 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
       json.dump(_to_dict(cfg), f, indent=2, default=str)
 
   # ---------------------------------------------------------------- compiled steps
+  cp_positions = None if cp is None else cp["positions"]
+
+  def to_device(local_batch):
+    """Host batch -> global sharded arrays; under context parallelism the token axis is first
+    permuted into the load-balancing layout (the loss is a sum over tokens: unchanged)."""
+    if cp is None:
+      return mesh_lib.global_batch(mesh, local_batch)
+    from attnjax import parallel as parallel_lib  # pylint: disable=import-outside-toplevel
+    for key, v in local_batch.items():
+      if np.ndim(v) < 2 or np.shape(v)[1] != len(cp_positions):
+        raise ValueError(f"context parallelism: batch[{key!r}] has shape {np.shape(v)}, "
+                         f"expected [B, {len(cp_positions)}, ...] (data.seq_len tokens)")
+    return mesh_lib.global_batch(mesh, parallel_lib.permute_batch(local_batch, cp_positions),
+                                 sequence=True)
+
   train_step = jax.jit(
       steps_lib.make_train_step(kind, graphdef, tx, schedule, mesh=mesh, grad_accum_steps=accum,
-                                aux_loss_coef=float(_get(cfg, "aux_loss_coef", 0.0))),
+                                aux_loss_coef=float(_get(cfg, "aux_loss_coef", 0.0)),
+                                positions=cp_positions),
       in_shardings=(state_sh, None), out_shardings=(state_sh, mesh_lib.replicated(mesh)),
       donate_argnums=0)
-  eval_step = jax.jit(steps_lib.make_eval_step(kind, graphdef),
+  eval_step = jax.jit(steps_lib.make_eval_step(kind, graphdef, cp_positions),
                       in_shardings=(state_sh["params"], state_sh["rest"], None),
                       out_shardings=mesh_lib.replicated(mesh))
   bpt = _bytes_per_token(info)
@@ -219,7 +263,7 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
     for batch in eval_ds.iterator():
       if 0 < max_batches <= n:
         break
-      m = eval_step(st["params"], st["rest"], mesh_lib.global_batch(mesh, batch))
+      m = eval_step(st["params"], st["rest"], to_device(batch))
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
       n += 1
     return steps_lib.summarize(kind, jax.device_get(sums), bpt or 1.0)
@@ -246,7 +290,7 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
       eval_metrics = evaluate(state)
       writer.write(0, "eval", eval_metrics)
     for step in range(start, num_steps):
-      batch = mesh_lib.global_batch(mesh, next(train_iter))
+      batch = to_device(next(train_iter))
       state, m = train_step(state, batch)
       pending.append(m)
       if timer is None:  # exclude compilation and the first step from throughput
@@ -311,12 +355,17 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
 
   # ---------------------------------------------------------------- summary
   model = nnx.merge(graphdef, state["params"], state["rest"])
+  if cp is not None:  # the returned model (and the sample below) runs on one device
+    model.set_context_parallel(None)
   summary = {"config": os.path.basename(str(_get(cfg, "name", ""))) or None,
              "kind": kind, "dataset": info.name, "steps": num_steps, "resumed_from": start,
              "param_count": n_params, "seed": seed, "model_config": mcfg,
              "mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names},
              "devices": int(mesh.devices.size), "platform": mesh.devices.flat[0].platform,
              "final_eval": eval_metrics, "wall_time_s": time.perf_counter() - t_start}
+  if cp is not None:
+    summary["context_parallel"] = {"strategy": cp["strategy"],
+                                   "load_balance": cp["load_balance"]}
   if history["train_steps"]:
     summary[f"train_{units}_per_s"] = history["train_steps"] * per_step / history["train_time"]
   if kind == "lm":

@@ -8,10 +8,13 @@ Mesh axes are always ``("data", "fsdp", "tensor", "sequence")`` (:data:`MESH_AXE
                ``"fsdp"`` (ZeRO-3 / FSDP style; XLA inserts the all-gathers);
 * ``tensor``   tensor parallelism, taken from the layers' own partition metadata (head axes ->
                ``"tensor"``, see :data:`attnjax.layers.common.AXIS_RULES`);
-* ``sequence`` context parallelism. The layers do not take a mesh, so a ``sequence`` axis > 1
-               is rejected with ``NotImplementedError`` (:func:`check_sequence_parallel`).
+* ``sequence`` context parallelism (language models only): the token axis of the batch is
+               sharded over ``"sequence"`` and the attention layers run
+               :func:`attnjax.parallel.context_parallel_attention` over it; other model
+               kinds raise ``NotImplementedError`` (:func:`check_sequence_parallel`).
 
-The batch dimension of every input is sharded over ``("data", "fsdp")`` (:data:`BATCH_AXES`).
+The batch dimension of every input is sharded over ``("data", "fsdp")`` (:data:`BATCH_AXES`),
+and with context parallelism the token dimension over ``"sequence"`` (:data:`SEQUENCE_AXIS`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"
+# Non-axis keys of the mesh config (the sequence_* keys configure context parallelism).
+MESH_OPTIONS = ("num_devices", "fsdp_min_size", "sequence_strategy", "sequence_load_balance")
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +91,7 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, Any], num_devices: int) -> dict[st
 
   Raises ValueError when an axis is unknown, a size is invalid, more than one axis is ``-1``,
   or the product of the sizes is not ``num_devices``."""
-  extra = sorted(k for k in mesh_cfg.keys() if k not in MESH_AXES + ("num_devices", "fsdp_min_size"))
+  extra = sorted(k for k in mesh_cfg.keys() if k not in MESH_AXES + MESH_OPTIONS)
   if extra:
     raise ValueError(f"unknown mesh axes {extra}; the mesh axes are {MESH_AXES}")
   sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
@@ -132,24 +138,33 @@ def make_mesh(mesh_cfg: Mapping[str, Any]) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def check_sequence_parallel(mesh: jax.sharding.Mesh):
-  """Sequence (context) parallelism needs attention layers that take a mesh and run
-  :func:`attnjax.parallel.context_parallel_attention`; the layers do not (yet), so a
-  ``sequence`` axis > 1 is an error rather than silently replicated work."""
-  if mesh.shape["sequence"] > 1:
+def check_sequence_parallel(mesh: jax.sharding.Mesh, kind: str = "lm") -> int:
+  """The size of the ``sequence`` axis, after checking that ``kind`` supports it.
+
+  Language models (``kind="lm"``) run context-parallel attention over ``sequence``
+  (:meth:`attnjax.models.DecoderLM.set_context_parallel`). ViTs have no context-parallel path
+  (their attentions are bidirectional over a short patch sequence, several are not global
+  attention, and the patch/class-token layout is built inside the model), so a ``sequence``
+  axis > 1 raises ``NotImplementedError`` rather than silently replicating work."""
+  n = int(mesh.shape["sequence"])
+  if n > 1 and kind != "lm":
     raise NotImplementedError(
-        f"mesh axis 'sequence'={mesh.shape['sequence']}: sequence (context) parallelism is not "
-        "available in the training script because the attnjax layers do not accept a mesh "
-        "(attnjax.parallel.context_parallel_attention is only callable directly). Use "
+        f"mesh axis 'sequence'={n}: sequence (context) parallelism is only implemented for "
+        f"language models (model.kind='lm'), not model.kind={kind!r}: the ViT builds its patch "
+        "sequence inside the model and its attention layers have no context-parallel path. Use "
         "mesh.sequence=1 and put the devices on 'data', 'fsdp' or 'tensor'.")
+  return n
 
 
 def batch_axes_size(mesh: jax.sharding.Mesh) -> int:
   return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
-  """Leading (batch) dimension over ``("data", "fsdp")``, the rest replicated."""
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, sequence: bool = False) -> NamedSharding:
+  """Leading (batch) dimension over ``("data", "fsdp")``; with ``sequence`` the second (token)
+  dimension of arrays with ``ndim >= 2`` over ``"sequence"``; the rest replicated."""
+  if sequence and ndim >= 2:
+    return NamedSharding(mesh, P(BATCH_AXES, SEQUENCE_AXIS, *([None] * (ndim - 2))))
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
@@ -157,11 +172,13 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(mesh: jax.sharding.Mesh, local_batch: Mapping[str, np.ndarray]) -> dict:
+def global_batch(mesh: jax.sharding.Mesh, local_batch: Mapping[str, np.ndarray],
+                 sequence: bool = False) -> dict:
   """Host-local numpy batch -> global ``jax.Array`` sharded over the batch axes (each process
-  contributes its rows; works unchanged on one process)."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)),
-                                                    np.asarray(v))
+  contributes its rows; works unchanged on one process). ``sequence``: also shard the token
+  axis (dimension 1) over the ``"sequence"`` mesh axis (context parallelism)."""
+  return {k: jax.make_array_from_process_local_data(
+              batch_sharding(mesh, np.ndim(v), sequence), np.asarray(v))
           for k, v in local_batch.items()}
 
 

@@ -40,12 +40,15 @@ def example_weights(kind: str, batch) -> jax.Array:
   return jnp.ones(batch["label"].shape, jnp.float32)
 
 
-def forward_metrics(kind: str, model, batch):
+def forward_metrics(kind: str, model, batch, positions=None):
   """Per-batch sums: ``loss_sum`` (weighted NLL, nats), ``weight_sum``, ``correct_sum`` and the
-  auxiliary loss ``aux`` (0 for models without one)."""
+  auxiliary loss ``aux`` (0 for models without one). ``positions`` (LM only, static ``[T]``):
+  the global positions of the batch's tokens when they are in a permuted (context-parallel
+  load-balancing) layout; the sums are over tokens, so the layout does not change them."""
   w = example_weights(kind, batch)
   if kind == "lm":
-    logits, aux = model(batch["inputs"], return_aux=True)
+    pos_kw = {} if positions is None else {"positions": positions}
+    logits, aux = model(batch["inputs"], return_aux=True, **pos_kw)
     labels = batch["targets"]
   else:
     logits = model(batch["image"])
@@ -69,26 +72,35 @@ def _reseed(model, key):
       i += 1
 
 
-def _microbatches(batch, k: int, mesh):
+def _microbatches(batch, k: int, mesh, sequence: bool = False):
   """``[B, ...] -> [k, B/k, ...]`` taking rows ``i, i+k, ...`` for microbatch ``i`` (every
-  device keeps its own rows: no resharding of a batch sharded contiguously over devices)."""
+  device keeps its own rows: no resharding of a batch sharded contiguously over devices).
+  ``sequence``: the token axis stays sharded over ``"sequence"``."""
   def split(x):
     B = x.shape[0]
     y = x.reshape(B // k, k, *x.shape[1:]).swapaxes(0, 1)
-    spec = P(None, mesh_lib.BATCH_AXES, *([None] * (x.ndim - 1)))
+    rest = [None] * (x.ndim - 1)
+    if sequence and x.ndim >= 2:
+      rest[0] = mesh_lib.SEQUENCE_AXIS
+    spec = P(None, mesh_lib.BATCH_AXES, *rest)
     return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
   return jax.tree.map(split, batch)
 
 
 def make_train_step(kind: str, graphdef, tx, schedule, *, mesh, grad_accum_steps: int = 1,
-                    aux_loss_coef: float = 0.0) -> Callable:
-  """``train_step(state, batch) -> (state, metrics)`` (pure; jit it with shardings)."""
+                    aux_loss_coef: float = 0.0, positions=None) -> Callable:
+  """``train_step(state, batch) -> (state, metrics)`` (pure; jit it with shardings).
+
+  ``positions`` (static ``[T]``, LM only): the global token positions of the batches'
+  (load-balanced) layout under context parallelism; the token axis then stays sharded over
+  ``"sequence"`` in gradient-accumulation microbatches."""
   k = int(grad_accum_steps)
+  seq = positions is not None
 
   def loss_fn(params, rest, mb, total_w, key):
     model = nnx.merge(graphdef, params, rest)
     _reseed(model, key)
-    m = forward_metrics(kind, model, mb)
+    m = forward_metrics(kind, model, mb, positions)
     loss = m["loss_sum"] / total_w + aux_loss_coef * m["aux"] / k
     return loss, m
 
@@ -101,7 +113,7 @@ def make_train_step(kind: str, graphdef, tx, schedule, *, mesh, grad_accum_steps
     if k == 1:
       (_, m), grads = grad_fn(params, rest, batch, total_w, step_key)
     else:
-      micro = _microbatches(batch, k, mesh)
+      micro = _microbatches(batch, k, mesh, seq)
 
       def body(carry, xs):
         g_acc, m_acc = carry
@@ -122,11 +134,12 @@ def make_train_step(kind: str, graphdef, tx, schedule, *, mesh, grad_accum_steps
   return train_step
 
 
-def make_eval_step(kind: str, graphdef) -> Callable:
-  """``eval_step(params, rest, batch) -> metric sums``."""
+def make_eval_step(kind: str, graphdef, positions=None) -> Callable:
+  """``eval_step(params, rest, batch) -> metric sums`` (``positions``: see
+  :func:`make_train_step`)."""
   def eval_step(params, rest, batch):
     model = nnx.merge(graphdef, params, rest)
-    return forward_metrics(kind, model, batch)
+    return forward_metrics(kind, model, batch, positions)
   return eval_step
 
 

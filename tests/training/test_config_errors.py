@@ -54,8 +54,9 @@ def test_bad_mesh(tmp_path, mesh, match):
 
 
 def test_sequence_parallel_is_not_silently_ignored(tmp_path):
+  # LMs run context parallelism (tests/training/test_sequence_parallel.py); ViTs have none
   with pytest.raises(NotImplementedError, match="sequence.*context.*parallelism"):
-    train.main(th.argv("lm_tiny", tmp_path, dict(th.TINY_LM, **{"mesh.sequence": 2})))
+    train.main(th.argv("vit_tiny", tmp_path, dict(th.TINY_VIT, **{"mesh.sequence": 2})))
 
 
 def test_unknown_attention_dataset_and_kind_mismatch(tmp_path):
