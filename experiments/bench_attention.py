@@ -128,8 +128,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--allow-interpret", action="store_true",
                   help="let pallas_gpu/pallas_tpu run in interpret mode off their hardware "
                   "(tiny sizes, path checks only: the timings are not performance)")
-  ap.add_argument("--block-q", type=int, default=256, help="block_q of plain 'chunked'")
-  ap.add_argument("--block-kv", type=int, default=256, help="block_kv of plain 'chunked'")
+  ap.add_argument("--block-q", type=int, default=None,
+                  help="block_q of plain 'chunked' (default: the backend's automatic choice)")
+  ap.add_argument("--block-kv", type=int, default=None,
+                  help="block_kv of plain 'chunked' (default: the backend's automatic choice)")
   ap.add_argument("--peers", nargs="*", default=ALL_PEERS, choices=ALL_PEERS,
                   help="peers to measure when importable (default: all); '--peers' alone: none")
   ap.add_argument("--ratio-base", default=None,
@@ -266,8 +268,8 @@ def machine_lines(args) -> list[str]:
       f"({args.threads}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(unset)'}",
       f"- problem: B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}; "
       f"sliding window = masks.sliding_window({args.window}, 0); neighborhood kernel "
-      f"{args.nb_kernel} on a {args.nb_grid} 2-D grid; chunked default block_q={args.block_q}, "
-      f"block_kv={args.block_kv}",
+      f"{args.nb_kernel} on a {args.nb_grid} 2-D grid; chunked default tiles "
+      f"(block_q, block_kv) = {_chunked_tiles(args)} at T={max(args.lengths)}",
       f"- timing: median of {args.repeats} calls after max(1, {args.warmup}) warm-up call(s); "
       f"max {args.max_seconds_per_case:g} s per case; memory limit "
       f"{args.max_memory_gib:.1f} GiB; errors vs attnjax reference for T <= {args.ref_max_t}",
@@ -368,11 +370,16 @@ class Runner:
   skip_errors_for: tuple = ()           # mask kinds whose errors read "skipped (unsupported)"
 
 
+def _chunked_tiles(args):
+  T = max(args.lengths)
+  return ChunkedBackend(args.block_q, args.block_kv).block_sizes(T, T, args.batch * args.heads)
+
+
 def attnjax_runner(spec: str, args) -> Runner:
   if spec == "chunked":
     impl, label = ChunkedBackend(args.block_q, args.block_kv), "chunked"
-    if (args.block_q, args.block_kv) != (256, 256):
-      label = f"chunked:{args.block_q}x{args.block_kv}"
+    if (args.block_q, args.block_kv) != (None, None):
+      label = f"chunked:{args.block_q or 'auto'}x{args.block_kv or 'auto'}"
   elif spec.startswith("chunked:"):
     try:
       bq, bk = (int(x) for x in spec.split(":", 1)[1].lower().split("x"))

@@ -1,17 +1,18 @@
 """Blockwise online-softmax attention (FlashAttention's algorithm) in pure JAX.
 
-Work is organized as a list of (query block, key block) pairs taken from the mask's static block
-map: EMPTY blocks are never visited, FULL blocks skip mask evaluation, PARTIAL blocks evaluate
-``mask_mod`` on the tile's index grid. Each pair list runs as one ``lax.scan`` whose carry holds
-the running max, denominator and output accumulator of every query block (float32), so memory is
-``O(T * D)`` and time is proportional to the number of non-empty blocks. Segment ids add a run-time
-skip: a pair whose query and key segment-id ranges are disjoint for the whole batch costs a
-branch, not a tile.
+Work follows the mask's static block map: EMPTY blocks are never visited, FULL blocks skip mask
+evaluation, PARTIAL blocks evaluate ``mask_mod`` on the tile's index grid. The forward pass is a
+``lax.scan`` over query blocks; for each, inner loops run over that block's FULL and PARTIAL key
+blocks, with trip counts and key-block indices read from per-row visit tables built from the
+block map, and the running max, denominator and output accumulator (float32) stay local to the
+query block. Memory is ``O(T * D)`` and time is proportional to the number of non-empty blocks.
+Segment ids add a run-time skip: a tile whose query and key segment-id ranges are disjoint for
+the whole batch costs a branch, not a tile.
 
-The backward pass is a custom VJP that recomputes each visited tile from the saved LSE (no
-``[Tq, Tk]`` residual) and accumulates dQ, dK, dV, sink and score-mod parameter gradients.
-Per-head masks are served by grouping heads whose block maps agree and running each group with
-its own pair list.
+The backward pass is a custom VJP with the same loop structure that recomputes each visited tile
+from the saved LSE (no ``[Tq, Tk]`` residual): dQ accumulates locally per query block, dK, dV,
+sink and score-mod parameter gradients into their blocks. Per-head masks are served by grouping
+heads whose block maps agree and running each group with its own visit tables.
 """
 
 from __future__ import annotations
@@ -54,12 +55,14 @@ class _Config:
   mod: Any                      # bound ScoreMod or None
   has_seg: bool
   has_sinks: bool
+  on_visit: Any = None          # debugging hook: on_visit(pass, q_block, kv_block) per tile
 
 
-def _tile_logits(cfg: _Config, qt, kt_t):
+def _tile_logits(cfg: _Config, qt, kt):
   """Logits of one tile, ``[B, Hs, bq, bk]`` float32, from pre-scaled queries ``qt``
-  ``[B, Hk, G*bq, D]`` and transposed keys ``kt_t`` ``[B, Hk, D, bk]``."""
-  s = jnp.einsum("bhqd,bhdk->bhqk", qt, kt_t, preferred_element_type=f32)
+  ``[B, Hk, G*bq, D]`` and keys ``kt`` ``[B, Hk, bk, D]`` (XLA:CPU runs this transposed-RHS
+  matmul as fast as with pre-transposed keys, and a whole-array transpose costs more)."""
+  s = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=f32)
   return s.reshape(cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk)
 
 
@@ -132,13 +135,26 @@ def _row_sinks(cfg: _Config, sinks):
   return jnp.repeat(per_head, cfg.bq, axis=1)
 
 
-def _pair_lists(cfg: _Config):
-  lists = []
-  if len(cfg.full_pairs):
-    lists.append((cfg.full_pairs, False))
-  if len(cfg.partial_pairs):
-    lists.append((cfg.partial_pairs, True))
-  return lists
+def _row_tables(cfg: _Config):
+  """Per query block, the key blocks to visit: ``[(counts [nq], index [nq, n], masked)]`` for
+  the FULL and the PARTIAL tiles of the block map (kinds with no tile are left out)."""
+  tables = []
+  for pairs, masked in ((cfg.full_pairs, False), (cfg.partial_pairs, True)):
+    if not len(pairs):
+      continue
+    counts = np.bincount(pairs[:, 0], minlength=cfg.nq).astype(np.int32)
+    index = np.zeros((cfg.nq, max(1, int(counts.max()))), np.int32)
+    fill = np.zeros(cfg.nq, np.int64)
+    for i, j in pairs:                     # argwhere order: ascending key block per row
+      index[i, fill[i]] = j
+      fill[i] += 1
+    tables.append((counts, index, masked))
+  return tables
+
+
+def _visit(cfg: _Config, kind: str, i, j):
+  if cfg.on_visit is not None:
+    jax.debug.callback(lambda i_, j_: cfg.on_visit(kind, int(i_), int(j_)), i, j, ordered=False)
 
 
 def _varying_like(x, ref):
@@ -157,64 +173,68 @@ def _prescale(q, cfg: _Config):
 # ------------------------------------------------------------------------------------ forward
 def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
   qb = _blocks_q(_prescale(q, cfg), cfg)
-  kbt = _blocks_kv(k, cfg).swapaxes(-1, -2)   # [nk, B, Hk, D, bk]: no per-tile transpose
+  kb = _blocks_kv(k, cfg)
   vb = _blocks_kv(v, cfg)
   rows = cfg.G * cfg.bq
-  shape = (cfg.nq, cfg.B, cfg.Hk, rows)
-  m0 = jnp.full(shape, -jnp.inf, f32)
-  l0 = jnp.zeros(shape, f32)
-  a0 = jnp.zeros(shape + (v.shape[-1],), f32)
+  shape = (cfg.B, cfg.Hk, rows)
   skip_tbl = _seg_skip_table(cfg, qseg, kvseg) if cfg.has_seg else None
   tile_shape = (cfg.B, cfg.Hk, rows, cfg.bk)
+  tables = [(jnp.asarray(c), jnp.asarray(x), masked) for c, x, masked in _row_tables(cfg)]
 
-  def make_step(masked):
-    def step(carry, pair):
-      m, l, acc = carry
-      i, j = pair[0], pair[1]
+  def tile(masked, i, j, qt, carry):
+    m_old, l_old, a_old = carry
+    _visit(cfg, "fwd", i, j)
+    b, h, qi, kj = _tile_index(cfg, i, j, qpos, kvpos)
+    s = _tile_logits(cfg, qt, _at(kb, j))
+    if cfg.mod is not None:
+      ptile = cfg.mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
+      s = cfg.mod.fn(ptile, s, b, h, qi, kj)
+    vis = _tile_visibility(cfg, i, j, qi, kj, h, qseg, kvseg, masked)
+    if vis is not None:
+      s = jnp.where(vis, s, -jnp.inf)
+    s = s.reshape(tile_shape)
+    m_new = jnp.maximum(m_old, s.max(axis=-1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp(m_old - m_safe)
+    p = jnp.exp(s - m_safe[..., None])
+    l_new = alpha * l_old + p.sum(axis=-1)
+    pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _at(vb, j),
+                    preferred_element_type=f32)
+    return m_new, l_new, alpha[..., None] * a_old + pv
 
-      def compute():
-        b, h, qi, kj = _tile_index(cfg, i, j, qpos, kvpos)
-        s = _tile_logits(cfg, _at(qb, i), _at(kbt, j))
-        if cfg.mod is not None:
-          ptile = cfg.mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
-          s = cfg.mod.fn(ptile, s, b, h, qi, kj)
-        vis = _tile_visibility(cfg, i, j, qi, kj, h, qseg, kvseg, masked)
-        if vis is not None:
-          s = jnp.where(vis, s, -jnp.inf)
-        s = s.reshape(tile_shape)
-        m_old, l_old, a_old = _at(m, i), _at(l, i), _at(acc, i)
-        m_new = jnp.maximum(m_old, s.max(axis=-1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-        alpha = jnp.exp(m_old - m_safe)
-        p = jnp.exp(s - m_safe[..., None])
-        l_new = alpha * l_old + p.sum(axis=-1)
-        pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _at(vb, j),
-                        preferred_element_type=f32)
-        return m_new, l_new, alpha[..., None] * a_old + pv
+  # One query block at a time (outer scan), its key blocks in inner loops whose trip counts
+  # come from the static visit tables: the running max, denominator and accumulator of the
+  # block stay loop-local (no scatter into a [nq, ...] carry per tile).
+  def row(_, xs):
+    i, qt = xs
+    carry = jax.tree.map(lambda x: _varying_like(x, q),
+                         (jnp.full(shape, -jnp.inf, f32), jnp.zeros(shape, f32),
+                          jnp.zeros(shape + (v.shape[-1],), f32)))
+    for counts, index, masked in tables:
+      row_index = index[i]
 
-      if skip_tbl is not None:
-        m_t, l_t, a_t = jax.lax.cond(skip_tbl[i, j], lambda: (_at(m, i), _at(l, i), _at(acc, i)),
-                                     compute)
-      else:
-        m_t, l_t, a_t = compute()
-      upd = jax.lax.dynamic_update_index_in_dim
-      return (upd(m, m_t, i, 0), upd(l, l_t, i, 0), upd(acc, a_t, i, 0)), None
-    return step
+      def body(t, carry, masked=masked, row_index=row_index):
+        j = row_index[t]
+        if skip_tbl is None:
+          return tile(masked, i, j, qt, carry)
+        return jax.lax.cond(skip_tbl[i, j], lambda c: c,
+                            lambda c: tile(masked, i, j, qt, c), carry)
 
-  carry = jax.tree.map(lambda x: _varying_like(x, q), (m0, l0, a0))
-  for pairs, masked in _pair_lists(cfg):
-    carry, _ = jax.lax.scan(make_step(masked), carry, jnp.asarray(pairs, jnp.int32))
-  m, l, acc = carry
-  has = l > 0
-  safe_l = jnp.where(has, l, 1.0)
-  lse = jnp.where(has, m + jnp.log(safe_l), -jnp.inf)
-  if cfg.has_sinks:
-    lse_tot = jnp.logaddexp(lse, _row_sinks(cfg, sinks))
-    out = acc * jnp.where(has, jnp.exp(m - lse_tot), 0.0)[..., None]
-  else:
-    lse_tot = lse
-    out = acc / safe_l[..., None]
-  return out, lse_tot  # blocked: [nq, B, Hk, G*bq, Dv], [nq, B, Hk, G*bq]
+      carry = jax.lax.fori_loop(0, counts[i], body, carry)
+    m, l, acc = carry
+    has = l > 0
+    safe_l = jnp.where(has, l, 1.0)
+    lse = jnp.where(has, m + jnp.log(safe_l), -jnp.inf)
+    if cfg.has_sinks:
+      lse_tot = jnp.logaddexp(lse, _row_sinks(cfg, sinks))
+      out = acc * jnp.where(has, jnp.exp(m - lse_tot), 0.0)[..., None]
+    else:
+      lse_tot = lse
+      out = acc / safe_l[..., None]
+    return None, (out, lse_tot)
+
+  _, (out, lse) = jax.lax.scan(row, None, (jnp.arange(cfg.nq, dtype=jnp.int32), qb))
+  return out, lse  # blocked: [nq, B, Hk, G*bq, Dv], [nq, B, Hk, G*bq]
 
 
 # ----------------------------------------------------------------------------------- backward
@@ -222,7 +242,6 @@ def _backward(cfg: _Config, res, g_out, g_lse):
   q, k, v, sinks, params, qseg, kvseg, qpos, kvpos, out_b, lse_b = res
   qb = _blocks_q(_prescale(q, cfg), cfg)
   kb = _blocks_kv(k, cfg)
-  kbt = kb.swapaxes(-1, -2)
   vb = _blocks_kv(v, cfg)
   dob = _blocks_q(g_out, cfg)
   # dL/ds_ij = p_ij * (dp_ij - delta_i); an LSE cotangent adds p_ij * g_lse_i.
@@ -234,70 +253,64 @@ def _backward(cfg: _Config, res, g_out, g_lse):
   tile_shape = (cfg.B, cfg.Hk, rows, cfg.bk)
   flat_shape = (cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk)
   mod = cfg.mod
+  tables = [(jnp.asarray(c), jnp.asarray(x), masked) for c, x, masked in _row_tables(cfg)]
+
+  def tile(masked, i, j, qt, do, lse_i, delta_i, carry):
+    dq, dk, dv, dparams = carry
+    _visit(cfg, "bwd", i, j)
+    b, h, qi, kj = _tile_index(cfg, i, j, qpos, kvpos)
+    s = _tile_logits(cfg, qt, _at(kb, j))
+    mod_vjp = None
+    if mod is not None:
+      ptile = mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
+      s, mod_vjp = jax.vjp(lambda s_, p_: mod.fn(p_, s_, b, h, qi, kj), s, ptile)
+    vis = _tile_visibility(cfg, i, j, qi, kj, h, qseg, kvseg, masked)
+    p = jnp.exp(s.reshape(tile_shape) - lse_i[..., None])
+    if vis is not None:
+      p = jnp.where(vis.reshape(tile_shape), p, 0.0)
+    dv_t = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do, preferred_element_type=f32)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", do, _at(vb, j), preferred_element_type=f32)
+    ds = p * (dp - delta_i[..., None])
+    if mod_vjp is not None:
+      ds_flat, dpt = mod_vjp(ds.reshape(flat_shape))
+      dpt = jax.tree.map(_f32_cotangent, dpt)
+      ds = ds_flat.reshape(tile_shape)
+      dparams = mod.untile_add(dparams, dpt, i * cfg.bq, j * cfg.bk, cfg.heads)
+    # s = (scale * q) . k, so dk takes the pre-scaled queries and dq gets the scale.
+    dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), _at(kb, j),
+                         preferred_element_type=f32) * cfg.scale
+    dk_t = jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), qt, preferred_element_type=f32)
+    upd = jax.lax.dynamic_update_index_in_dim
+    dk = upd(dk, _at(dk, j) + dk_t, j, 0)
+    dv = upd(dv, _at(dv, j) + dv_t, j, 0)
+    return dq, dk, dv, dparams
+
+  # Outer scan over query blocks (dQ of the block stays loop-local), inner loops over the
+  # block's key tiles from the visit tables; dK/dV accumulate into their key blocks.
+  def row(carry, xs):
+    i, qt, do, lse_i, delta_i = xs
+    dk, dv, dparams = carry
+    dq = _varying_like(jnp.zeros(qt.shape, f32), q)
+    inner = (dq, dk, dv, dparams)
+    for counts, index, masked in tables:
+      row_index = index[i]
+
+      def body(t, c, masked=masked, row_index=row_index):
+        j = row_index[t]
+        run = lambda c_: tile(masked, i, j, qt, do, lse_i, delta_i, c_)
+        if skip_tbl is None:
+          return run(c)
+        return jax.lax.cond(skip_tbl[i, j], lambda c_: c_, run, c)
+
+      inner = jax.lax.fori_loop(0, counts[i], body, inner)
+    dq, dk, dv, dparams = inner
+    return (dk, dv, dparams), dq
+
   dparams0 = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params)
-
-  def make_step(masked):
-    def step(carry, pair):
-      dq, dk, dv, dparams = carry
-      i, j = pair[0], pair[1]
-
-      def compute():
-        b, h, qi, kj = _tile_index(cfg, i, j, qpos, kvpos)
-        qt = _at(qb, i)
-        s = _tile_logits(cfg, qt, _at(kbt, j))
-        mod_vjp = None
-        if mod is not None:
-          ptile = mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
-          s, mod_vjp = jax.vjp(lambda s_, p_: mod.fn(p_, s_, b, h, qi, kj), s, ptile)
-        vis = _tile_visibility(cfg, i, j, qi, kj, h, qseg, kvseg, masked)
-        p = jnp.exp(s.reshape(tile_shape) - _at(lse_safe, i)[..., None])
-        if vis is not None:
-          p = jnp.where(vis.reshape(tile_shape), p, 0.0)
-        do = _at(dob, i)
-        dv_t = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do,
-                          preferred_element_type=f32)
-        dp = jnp.einsum("bhqd,bhkd->bhqk", do, _at(vb, j), preferred_element_type=f32)
-        ds = p * (dp - _at(delta, i)[..., None])
-        dpt = None
-        if mod_vjp is not None:
-          ds_flat, dpt = mod_vjp(ds.reshape(flat_shape))
-          dpt = jax.tree.map(_f32_cotangent, dpt)
-          ds = ds_flat.reshape(tile_shape)
-        # s = (scale * q) . k, so dk takes the pre-scaled queries and dq gets the scale.
-        dq_t = jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), _at(kb, j),
-                          preferred_element_type=f32) * cfg.scale
-        dk_t = jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), qt,
-                          preferred_element_type=f32)
-        return dq_t, dk_t, dv_t, dpt
-
-      def nothing():
-        zeros_pt = None
-        if mod is not None:
-          ptile = mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
-          zeros_pt = jax.tree.map(lambda x: jnp.zeros(x.shape, f32), ptile)
-        return (jnp.zeros(dq.shape[1:], f32), jnp.zeros(dk.shape[1:], f32),
-                jnp.zeros(dv.shape[1:], f32), zeros_pt)
-
-      if skip_tbl is not None:
-        dq_t, dk_t, dv_t, dpt = jax.lax.cond(skip_tbl[i, j], nothing, compute)
-      else:
-        dq_t, dk_t, dv_t, dpt = compute()
-      upd = jax.lax.dynamic_update_index_in_dim
-      dq = upd(dq, _at(dq, i) + dq_t, i, 0)
-      dk = upd(dk, _at(dk, j) + dk_t, j, 0)
-      dv = upd(dv, _at(dv, j) + dv_t, j, 0)
-      if dpt is not None:
-        dpt = jax.tree.map(lambda x: x.astype(f32), dpt)
-        dparams = mod.untile_add(dparams, dpt, i * cfg.bq, j * cfg.bk, cfg.heads)
-      return (dq, dk, dv, dparams), None
-    return step
-
   carry = jax.tree.map(lambda x: _varying_like(x, q),
-                       (jnp.zeros(qb.shape, f32), jnp.zeros(kb.shape, f32),
-                        jnp.zeros(vb.shape, f32), dparams0))
-  for pairs, masked in _pair_lists(cfg):
-    carry, _ = jax.lax.scan(make_step(masked), carry, jnp.asarray(pairs, jnp.int32))
-  dq, dk, dv, dparams = carry
+                       (jnp.zeros(kb.shape, f32), jnp.zeros(vb.shape, f32), dparams0))
+  (dk, dv, dparams), dq = jax.lax.scan(
+      row, carry, (jnp.arange(cfg.nq, dtype=jnp.int32), qb, dob, lse_safe, delta))
   dq = _unblocks_q(dq, cfg).astype(q.dtype)
   dk = _unblocks_kv(dk, cfg).astype(k.dtype)
   dv = _unblocks_kv(dv, cfg).astype(v.dtype)
@@ -355,24 +368,54 @@ def _group_heads(bm: np.ndarray):
 
 
 class ChunkedBackend(base.Backend):
-  """Blockwise attention with static block skipping. ``block_q``/``block_kv`` set the tile."""
+  """Blockwise attention with static block skipping.
+
+  ``block_q``/``block_kv`` set the tile; ``None`` (the default) picks it per problem: 512 x 512
+  when one tile's scores (``batch * q_heads * block_q * block_kv`` float32) stay within
+  ``tile_budget`` elements, halving the larger side (down to 128) until they do. Tiles of 512
+  rows are what XLA:CPU needs to spread a tile's matmuls over its threads; 256 x 256 tiles ran
+  1.5x slower on the 2-core benchmark machine (BENCHMARKS.md).
+
+  ``on_visit`` is a debugging hook: when set, ``on_visit(pass, q_block, kv_block)`` runs on the
+  host (``jax.debug.callback``) for every tile the forward (``"fwd"``) and backward (``"bwd"``)
+  passes compute, which is how the tests check that work follows the block map. It slows the
+  kernel down; leave it ``None`` otherwise.
+  """
   capabilities = base.Capabilities(name="chunked")
 
-  def __init__(self, block_q: int = 256, block_kv: int = 256):
+  def __init__(self, block_q: int | None = None, block_kv: int | None = None, *,
+               tile_budget: int = 1 << 21, on_visit=None):
     for name, val in (("block_q", block_q), ("block_kv", block_kv)):
-      if not isinstance(val, int) or val < 1:
-        raise ValueError(f"{name} must be a positive int, got {val!r}")
+      if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+        raise ValueError(f"{name} must be a positive int or None (automatic), got {val!r}")
+    if not isinstance(tile_budget, int) or tile_budget < 1:
+      raise ValueError(f"tile_budget must be a positive int, got {tile_budget!r}")
+    if on_visit is not None and not callable(on_visit):
+      raise TypeError(f"on_visit must be callable or None, got {type(on_visit).__name__}")
     self.block_q, self.block_kv = block_q, block_kv
+    self.tile_budget, self.on_visit = tile_budget, on_visit
 
   def __repr__(self):
     return f"ChunkedBackend(block_q={self.block_q}, block_kv={self.block_kv})"
 
-  def block_sizes(self, q_len, kv_len):
-    return (min(self.block_q, _round_up(q_len, 8)), min(self.block_kv, _round_up(kv_len, 8)))
+  def block_sizes(self, q_len, kv_len, rows_per_query: int = 1):
+    """Tile ``(block_q, block_kv)`` for these lengths; ``rows_per_query`` is the number of score
+    rows one query position costs in a tile (batch * query heads), used by automatic sizing."""
+    bq, bk = self.block_q, self.block_kv
+    if bq is None or bk is None:
+      abq, abk = 512, 512
+      while rows_per_query * abq * abk > self.tile_budget and max(abq, abk) > 128:
+        if abk >= abq:
+          abk //= 2
+        else:
+          abq //= 2
+      bq = abq if bq is None else bq
+      bk = abk if bk is None else bk
+    return (min(bq, _round_up(q_len, 8)), min(bk, _round_up(kv_len, 8)))
 
   def plan(self, p: base.Problem):
     """The static block map ``[H|1, nq, nk]`` this backend will use for ``p``."""
-    bq, bk = self.block_sizes(p.q_len, p.kv_len)
+    bq, bk = self.block_sizes(p.q_len, p.kv_len, p.batch * p.num_q_heads)
     bm = base.static_block_map(p, bq, bk)
     return bm, bq, bk
 
@@ -428,7 +471,7 @@ class ChunkedBackend(base.Backend):
           mask=p.mask, heads=heads, head_ids=np.asarray(head_ids),
           full_pairs=np.argwhere(gbm == masks_lib.FULL).astype(np.int32),
           partial_pairs=np.argwhere(gbm == masks_lib.PARTIAL).astype(np.int32),
-          mod=mod, has_seg=has_seg, has_sinks=p.sinks is not None)
+          mod=mod, has_seg=has_seg, has_sinks=p.sinks is not None, on_visit=self.on_visit)
       o, lse = _make_core(cfg)(qg, kg, vg, sinks, gparams, qseg, kvseg, q_pos, kv_pos)
       outs.append(o.reshape(B, hk * gg, Tqp, Dv))
       lses.append(lse.reshape(B, hk * gg, Tqp))
