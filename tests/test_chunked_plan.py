@@ -91,6 +91,7 @@ def test_automatic_tiles_follow_the_budget():
   assert be.block_sizes(8192, 8192, 8) == (512, 512)
   bq, bk = be.block_sizes(8192, 8192, 64)
   assert 64 * bq * bk <= be.tile_budget and min(bq, bk) >= 128
+  assert be.block_sizes(1024, 1024, 8) == (256, 256)      # shorter: 256 x 256
   assert be.block_sizes(100, 37, 8) == (104, 40)          # short inputs: one tile
   assert ChunkedBackend(block_q=64).block_sizes(8192, 8192, 8) == (64, 512)
   with pytest.raises(ValueError, match="block_kv"):

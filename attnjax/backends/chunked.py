@@ -31,6 +31,9 @@ from attnjax.backends import base
 f32 = jnp.float32
 
 
+_LARGE_TILE_MIN_LEN = 2048   # automatic tiles: 512 x 512 from this length on, else 256 x 256
+
+
 def _round_up(x, m):
   return -(-x // m) * m
 
@@ -371,10 +374,11 @@ class ChunkedBackend(base.Backend):
   """Blockwise attention with static block skipping.
 
   ``block_q``/``block_kv`` set the tile; ``None`` (the default) picks it per problem: 512 x 512
-  when one tile's scores (``batch * q_heads * block_q * block_kv`` float32) stay within
-  ``tile_budget`` elements, halving the larger side (down to 128) until they do. Tiles of 512
-  rows are what XLA:CPU needs to spread a tile's matmuls over its threads; 256 x 256 tiles ran
-  1.5x slower on the 2-core benchmark machine (BENCHMARKS.md).
+  for sequences of 2048 and more (256 x 256 below), halving the larger side (down to 128) while
+  one tile's scores (``batch * q_heads * block_q * block_kv`` float32) exceed ``tile_budget``
+  elements. Tiles of 512 rows are what XLA:CPU needs to spread a tile's matmuls over its
+  threads: at T=8192 256 x 256 tiles ran 1.6x slower on the 2-core benchmark machine
+  (BENCHMARKS.md).
 
   ``on_visit`` is a debugging hook: when set, ``on_visit(pass, q_block, kv_block)`` runs on the
   host (``jax.debug.callback``) for every tile the forward (``"fwd"``) and backward (``"bwd"``)
@@ -403,7 +407,10 @@ class ChunkedBackend(base.Backend):
     rows one query position costs in a tile (batch * query heads), used by automatic sizing."""
     bq, bk = self.block_q, self.block_kv
     if bq is None or bk is None:
-      abq, abk = 512, 512
+      # 512-row tiles pay off once there are several per axis; at T=1024 the causal
+      # forward+backward ran 1.4x faster with 256 x 256 on the 2-core benchmark machine.
+      side = 512 if min(q_len, kv_len) >= _LARGE_TILE_MIN_LEN else 256
+      abq, abk = side, side
       while rows_per_query * abq * abk > self.tile_budget and max(abq, abk) > 128:
         if abk >= abq:
           abk //= 2
