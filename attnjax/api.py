@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any
@@ -263,4 +264,27 @@ def attention(q, k, v, *, mask=None, score_mod=None, bias=None, sinks=None, segm
                     segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, scale=scale,
                     return_lse=return_lse, q_positions=q_positions, kv_positions=kv_positions)
   backend = select_backend(p, impl)
-  return backend(p)
+  return _call_backend(backend, p)
+
+
+_ARRAY_FIELDS = ("q", "k", "v", "score_mod", "sinks", "q_segment_ids", "kv_segment_ids",
+                 "q_positions", "kv_positions")
+
+
+def _call_backend(backend, p: base.Problem):
+  """Run ``backend(p)``; under an explicit-axes mesh (``jax.make_mesh``'s default) the backend
+  runs in auto-sharding mode (``jax.sharding.auto_axes``) so its reshapes and loops need no
+  sharding annotations, and the output keeps the queries' batch, length and head sharding."""
+  spec = base.explicit_spec(p.q)
+  if spec is None:
+    return backend(p)
+  out_spec = jax.sharding.PartitionSpec(spec[0], spec[1], spec[2], None)
+  lse_spec = jax.sharding.PartitionSpec(spec[0], spec[1], spec[2])
+  arrays = {f: getattr(p, f) for f in _ARRAY_FIELDS
+            if isinstance(getattr(p, f), (jax.Array, scores_lib.ScoreMod))}
+
+  def run(arrays):
+    return backend(dataclasses.replace(p, **arrays))
+
+  out_sharding = (out_spec, lse_spec) if p.return_lse else out_spec
+  return jax.sharding.auto_axes(run, out_sharding=out_sharding)(arrays)

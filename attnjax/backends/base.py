@@ -19,6 +19,21 @@ from attnjax import masks as masks_lib
 from attnjax import scores as scores_lib
 
 
+def explicit_spec(x):
+  """``x``'s partition spec, padded to its rank, when ``x`` is typed with a sharding over an
+  explicit-axes mesh (``jax.make_mesh``'s default axis type); None otherwise (numpy input, no
+  mesh, auto or manual axes, older jax)."""
+  try:
+    sharding = jax.typeof(x).sharding
+    mesh = sharding.mesh
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if mesh.empty or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return None
+  spec = tuple(sharding.spec)
+  return spec + (None,) * (x.ndim - len(spec))
+
+
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
   """Features a backend supports. ``platforms`` lists jax platform names ('cpu', 'gpu', 'tpu')."""

@@ -58,6 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax.backends.base import explicit_spec
+
 # ---------------------------------------------------------------------------------------------
 # Sharding: logical axis names, mapped to mesh axes in exactly one place.
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +158,44 @@ def _prod(shape):
   return int(math.prod(shape))
 
 
+def match_sharding(x, ref):
+  """``x`` resharded like ``ref`` (same rank) under an explicit-axes mesh, so that operations
+  joining the two (concatenate, add) type-check; unchanged elsewhere."""
+  spec = explicit_spec(ref)
+  if spec is None or explicit_spec(x) == spec:
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
+
+
+def _mesh_axes_of(entry):
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _explicit_out_spec(x, kernel, nin: int):
+  """Output spec of ``x @ kernel`` (contracting x's trailing ``nin`` axes) under an
+  explicit-axes mesh: x's leading axes keep their sharding, the output feature axes take the
+  kernel's unless that mesh axis is already used by x's leading axes. None off such meshes
+  (GSPMD propagates shardings there). Contracted sharded axes are reduced by JAX."""
+  xs, ks = explicit_spec(x), explicit_spec(kernel)
+  if xs is None and ks is None:
+    return None
+  xs = xs if xs is not None else (None,) * x.ndim
+  ks = ks if ks is not None else (None,) * kernel.ndim
+  lead = list(xs[:x.ndim - nin])
+  used = {a for e in lead for a in _mesh_axes_of(e)}
+  out = []
+  for e in ks[nin:]:
+    axes = _mesh_axes_of(e)
+    if axes and not used.intersection(axes):
+      out.append(e)
+      used.update(axes)
+    else:
+      out.append(None)
+  return tuple(lead + out)
+
+
 class Projection(nnx.Module):
   """Dense map contracting the trailing ``len(in_shape)`` axes into ``out_shape``.
 
@@ -192,10 +232,14 @@ class Projection(nnx.Module):
     if tuple(x.shape[x.ndim - nin:]) != self.in_shape:
       raise ValueError(f"Projection expects trailing input shape {self.in_shape}, got {x.shape}")
     kernel = self.kernel[...].astype(self.dtype)
+    kw = {}
+    out_spec = _explicit_out_spec(x, kernel, nin)
+    if out_spec is not None:
+      kw["out_sharding"] = jax.sharding.PartitionSpec(*out_spec)
     y = jax.lax.dot_general(
         x.astype(self.dtype), kernel,
         ((tuple(range(x.ndim - nin, x.ndim)), tuple(range(nin))), ((), ())),
-        preferred_element_type=jnp.float32)
+        preferred_element_type=jnp.float32, **kw)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)

@@ -171,8 +171,8 @@ class MultiHeadLatentAttention(nnx.Module):
                         preferred_element_type=jnp.float32).astype(dt)
     k_c = self.w_uk(c)                                               # [B, S, H, d_h]
     S = c.shape[1]
-    k = jnp.concatenate(
-        [k_c, jnp.broadcast_to(k_r[:, :, None, :], (c.shape[0], S, H, k_r.shape[-1]))], -1)
+    k_r = jnp.broadcast_to(k_r[:, :, None, :], (c.shape[0], S, H, k_r.shape[-1]))
+    k = jnp.concatenate([k_c, common.match_sharding(k_r, k_c)], -1)
     v = self.w_uv(c)
     q = jnp.concatenate([q_c, q_r], axis=-1)
     return common.attend(q, k, v, **attn_kw)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnjax.backends.base import explicit_spec
 from attnjax.layers import common
 from attnjax.layers.mha import MultiHeadAttention
 from attnjax.models.registry import (LM_ATTENTIONS, Dense, LMDims, lookup, model_partitioned)
@@ -21,19 +22,6 @@ from attnjax.models.registry import (LM_ATTENTIONS, Dense, LMDims, lookup, model
 # LM attentions whose layer (a MultiHeadAttention) runs context-parallel attention.
 CONTEXT_PARALLEL_ATTENTIONS = ("mha", "gqa", "mqa", "gated", "sliding_window", "strided_heads",
                                "moh")
-
-
-def _explicit_spec(x):
-  """The partition spec of ``x`` when it is sharded over an explicit-axes mesh, else None."""
-  try:
-    sharding = jax.typeof(x).sharding
-    mesh = sharding.mesh
-    if mesh.empty or not any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
-      return None
-    spec = tuple(sharding.spec)
-    return spec + (None,) * (x.ndim - len(spec))
-  except Exception:  # pylint: disable=broad-except  (no mesh / older jax: plain gather)
-    return None
 
 
 class SwiGLU(nnx.Module):
@@ -168,7 +156,7 @@ class DecoderLM(nnx.Module):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be an int array [B, T], got {tokens.dtype}{tokens.shape}")
     table = self.embedding[...]
-    spec = _explicit_spec(tokens)
+    spec = explicit_spec(tokens)
     if spec is None:
       return jnp.take(table, tokens, axis=0).astype(self.dtype)
     # explicit-sharding mesh: the gathered rows follow the tokens' sharding (the table's vocab
