@@ -22,11 +22,12 @@ from attnjax.backends.chunked import ChunkedBackend
 from attnjax.backends.xla import XlaBackend
 
 # Every backend under test with a short id. Pallas backends join by adding themselves here;
-# tests skip features a backend does not declare.
+# tests skip features a backend does not declare. The two chunked entries also cover both
+# forward modes: the default fixed-max forward and the running-max one (``-online``).
 BACKENDS: dict[str, aj.Backend] = {
     "xla": XlaBackend(),
     "chunked-8x16": ChunkedBackend(block_q=8, block_kv=16),
-    "chunked-32x8": ChunkedBackend(block_q=32, block_kv=8),
+    "chunked-32x8-online": ChunkedBackend(block_q=32, block_kv=8, fixed_max=False),
 }
 
 FUDGE = {"float32": 10.0, "bfloat16": 3.0}
