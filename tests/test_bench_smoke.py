@@ -57,6 +57,13 @@ def test_bench_table(tmp_path):
   assert dense.ratios["fwdbwd_temp"] == pytest.approx(base.bwd.temp_mib / dense.bwd.temp_mib)
   sliding = by[("sliding", "chunked")]
   assert sliding.ratios["vs_causal_fwd"] == pytest.approx(sliding.fwd.ms / base.fwd.ms)
+  # interleaved timing (the default): one round here, so each paired ratio is that round's
+  for r in rows:
+    assert sorted(r.fwd.round_s) == sorted(r.bwd.round_s) == [0]
+  pr = dense.ratios["fwd_time_paired"]
+  assert pr.n == 1 and pr.median == pytest.approx(base.fwd.round_s[0] / dense.fwd.round_s[0])
+  pr = sliding.ratios["vs_causal_fwd_paired"]
+  assert pr.median == pytest.approx(sliding.fwd.round_s[0] / base.fwd.round_s[0])
 
   # markdown (stdout and --out-md) and CSV
   md = res["markdown"]
@@ -72,6 +79,23 @@ def test_bench_table(tmp_path):
   assert [(r["mask"], r["impl"]) for r in recs] == [
       (m, i) for m, _ in EXPECTED_MASKS for i in EXPECTED_IMPLS]
   assert all(r["ratio_base"] == "chunked" and float(r["fwd_ms"]) > 0 for r in recs)
+
+
+def test_paired_ratios_and_back_to_back_mode():
+  """Paired ratios use only the rounds both timings have; --no-interleave times per case."""
+  bench = _load_bench()
+  a, b = bench.PassResult(status="ok"), bench.PassResult(status="ok")
+  a.round_s, b.round_s = {0: 2.0, 1: 3.0, 2: 8.0}, {0: 1.0, 1: 1.0, 3: 5.0}
+  pr = bench._paired(a, b)
+  assert (pr.median, pr.lo, pr.hi, pr.n) == (2.5, 2.0, 3.0, 2)
+  b.status = "error: x"
+  assert bench._paired(a, b) is None
+  res = bench.main(TINY + ["--masks", "causal", "--no-backward", "--impl", "chunked",
+                           "--peers", "jax_nn", "--ref-max-t", "0", "--no-interleave"])
+  for r in res["rows"]:
+    assert r.fwd.status == "ok" and r.fwd.ms > 0 and r.fwd.round_s == {}
+    assert r.ratios.get("fwd_time_paired") is None
+  assert "back to back per case" in res["markdown"]
 
 
 def test_tokamax_peer():
