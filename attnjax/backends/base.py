@@ -34,6 +34,33 @@ def explicit_spec(x):
   return spec + (None,) * (x.ndim - len(spec))
 
 
+def _varying(x) -> frozenset:
+  try:
+    aval = jax.typeof(x)
+  except TypeError:        # not an array-like leaf
+    return frozenset()
+  mat = getattr(aval, "manual_axis_type", None)   # jax >= 0.10
+  if mat is not None:
+    return frozenset(getattr(mat, "varying", ()))
+  return frozenset(getattr(aval, "vma", ()))      # older jax
+
+
+def varying_axes(*trees) -> frozenset:
+  """Mesh axes along which any array leaf of ``trees`` varies inside ``shard_map`` (its
+  varying-manual-axes type); empty outside ``shard_map``."""
+  return frozenset().union(*(_varying(x) for x in jax.tree.leaves(trees)))
+
+
+def cast_varying(tree, axes: frozenset):
+  """Mark every leaf of ``tree`` as varying over ``axes``. Inside ``shard_map`` with
+  ``check_vma``, loop carries and ``switch`` branches built from constants must be typed like
+  the values they will hold, which vary with the device's inputs."""
+  def one(x):
+    missing = tuple(sorted(axes - _varying(x), key=str))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+  return jax.tree.map(one, tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
   """Features a backend supports. ``platforms`` lists jax platform names ('cpu', 'gpu', 'tpu')."""

@@ -169,15 +169,6 @@ def _visit(cfg: _Config, kind: str, i, j):
     jax.debug.callback(lambda i_, j_: cfg.on_visit(kind, int(i_), int(j_)), i, j, ordered=False)
 
 
-def _varying_like(x, ref):
-  """Inside ``shard_map`` (with ``check_vma``) mark a fresh array as varying over the same mesh
-  axes as ``ref``, so scan carries built from constants type-check against the loop body."""
-  vma = getattr(jax.typeof(ref), "vma", None)
-  if vma:
-    return jax.lax.pcast(x, tuple(vma), to="varying")
-  return x
-
-
 def _prescale(q, cfg: _Config):
   return (q.astype(f32) * cfg.scale).astype(q.dtype)
 
@@ -227,10 +218,14 @@ def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
     return jax.lax.cond(skip_tbl[i, j], lambda c_: c_,
                         lambda c_: tile(masked, i, j, qt, c_, fixed), c)
 
+  # Inside shard_map (check_vma) the softmax state varies with the device's inputs: fresh
+  # initial values are typed that way so loop carries and switch branches agree.
+  varying = base.varying_axes(q, k, v, sinks, params, qseg, kvseg, qpos, kvpos)
+
   def init_state():
     init = (jnp.full(shape, -jnp.inf, f32), jnp.zeros(shape, f32),
             jnp.zeros(shape + (v.shape[-1],), f32))
-    return jax.tree.map(lambda x: _varying_like(x, q), init)
+    return base.cast_varying(init, varying)
 
   def visit_rest(i, qt, carry, fixed, starts):
     for (counts, index, masked), start in zip(tables, starts):
@@ -300,6 +295,7 @@ def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
 # ----------------------------------------------------------------------------------- backward
 def _backward(cfg: _Config, res, g_out, g_lse):
   q, k, v, sinks, params, qseg, kvseg, qpos, kvpos, out_b, lse_b = res
+  varying = base.varying_axes(res, g_out, g_lse)   # typing of fresh carries in shard_map
   qb = _blocks_q(_prescale(q, cfg), cfg)
   kb = _blocks_kv(k, cfg)
   vb = _blocks_kv(v, cfg)
@@ -350,7 +346,7 @@ def _backward(cfg: _Config, res, g_out, g_lse):
   def row(carry, xs):
     i, qt, do, lse_i, delta_i = xs
     dk, dv, dparams = carry
-    dq = _varying_like(jnp.zeros(qt.shape, f32), q)
+    dq = base.cast_varying(jnp.zeros(qt.shape, f32), varying)
     inner = (dq, dk, dv, dparams)
     for counts, index, masked in tables:
       row_index = index[i]
@@ -367,8 +363,8 @@ def _backward(cfg: _Config, res, g_out, g_lse):
     return (dk, dv, dparams), dq
 
   dparams0 = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params)
-  carry = jax.tree.map(lambda x: _varying_like(x, q),
-                       (jnp.zeros(kb.shape, f32), jnp.zeros(vb.shape, f32), dparams0))
+  carry = base.cast_varying((jnp.zeros(kb.shape, f32), jnp.zeros(vb.shape, f32), dparams0),
+                            varying)
   (dk, dv, dparams), dq = jax.lax.scan(
       row, carry, (jnp.arange(cfg.nq, dtype=jnp.int32), qb, dob, lse_safe, delta))
   dq = _unblocks_q(dq, cfg).astype(q.dtype)
@@ -551,7 +547,12 @@ class ChunkedBackend(base.Backend):
           mod=mod, has_seg=has_seg, has_sinks=p.sinks is not None,
           fixed_max=self.fixed_max and jnp.dtype(p.v.dtype).name in _FIXED_MAX_DTYPES,
           on_visit=self.on_visit)
-      o, lse = _make_core(cfg)(qg, kg, vg, sinks, gparams, qseg, kvseg, q_pos, kv_pos)
+      operands = (qg, kg, vg, sinks, gparams, qseg, kvseg, q_pos, kv_pos)
+      # Inside shard_map (check_vma): make every operand vary over the same mesh axes, so the
+      # custom VJP's cotangents match their operands' types; the cast's transpose sums the
+      # cotangents of replicated operands (sinks, score-mod parameters) over those axes.
+      operands = base.cast_varying(operands, base.varying_axes(operands))
+      o, lse = _make_core(cfg)(*operands)
       outs.append(o.reshape(B, hk * gg, Tqp, Dv))
       lses.append(lse.reshape(B, hk * gg, Tqp))
       order.append(np.asarray(head_ids))

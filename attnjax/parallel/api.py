@@ -187,9 +187,9 @@ def context_parallel_attention(q, k, v, *, mesh=None, axis="sp", strategy: str =
     return local_attention(strategy, q_, k_, v_, axis=axis, ulysses_axis=ulysses_axis,
                            segment_ids=seg, **dict(kw, sinks=snk))
 
-  # check_vma=False: the chunked backend's internal lax.scan starts from unvarying carries,
-  # which the varying-manual-axes checker rejects inside shard_map. The strategies themselves
-  # also run under check_vma=True (inside a user's shard_map) with the xla backend.
+  # check_vma=False: the Pallas backends' pallas_call outputs carry no varying-manual-axes
+  # type, which the checker rejects. The strategies themselves run under check_vma=True
+  # (inside a user's shard_map) with the xla and chunked backends (tests/parallel).
   fn = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs),
                      out_specs=(x_spec, t_spec) if return_lse else x_spec, check_vma=False)
   return fn(*args)

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax import api
+from attnjax.backends import base
 from attnjax import masks as masks_lib
 from attnjax.parallel import balance
 from attnjax.parallel import plan as plan_lib
@@ -101,33 +102,10 @@ def run_branch(call: LocalCall, branch: plan_lib.Branch, q, k, v, qseg, kvseg, q
                            qseg, kvseg, q_pos, kv_pos, sinks)
 
 
-def _vma(x) -> frozenset:
-  """Mesh axes along which ``x`` varies inside ``shard_map`` (empty when untyped)."""
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)   # jax >= 0.10
-  if mat is not None:
-    return frozenset(getattr(mat, "varying", ()))
-  return frozenset(getattr(aval, "vma", ()))      # older jax
-
-
-def _cast_varying(tree, axes: frozenset):
-  """Mark every leaf of ``tree`` as varying over ``axes`` (``shard_map`` vma typing), so the
-  branches of a ``lax.switch`` agree on their output types."""
-  def one(x):
-    missing = tuple(sorted(axes - _vma(x), key=str))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-  return jax.tree.map(one, tree)
-
-
-def varying_axes(*trees) -> frozenset:
-  """Union of the mesh axes along which any leaf of ``trees`` varies."""
-  return frozenset().union(*(_vma(x) for x in jax.tree.leaves(trees)))
-
-
 def cast_varying(tree, *like):
   """``tree`` marked varying over every axis along which anything in ``like`` varies (initial
   values of loop carries that become device-dependent)."""
-  return _cast_varying(tree, varying_axes(*like))
+  return base.cast_varying(tree, base.varying_axes(*like))
 
 
 def dispatch(branches, branch_index, fn, *operands):
@@ -135,8 +113,8 @@ def dispatch(branches, branch_index, fn, *operands):
   with ``lax.switch``; only that branch executes on the device."""
   if len(branches) == 1:
     return fn(branches[0], *operands)
-  axes = frozenset().union(*(_vma(x) for x in jax.tree.leaves(operands)), _vma(branch_index))
-  fns = [lambda *ops, b=b: _cast_varying(fn(b, *ops), axes) for b in branches]
+  axes = base.varying_axes(operands, branch_index)
+  fns = [lambda *ops, b=b: base.cast_varying(fn(b, *ops), axes) for b in branches]
   return jax.lax.switch(branch_index, fns, *operands)
 
 
