@@ -131,9 +131,9 @@ class AgentAttention(nnx.Module):
   def _biases(self, grid, kv_grid):
     nh, n = self.num_heads, self.agent_num
     b1 = _bilinear(self.an_bias[...], kv_grid) + self.ah_bias[...] + self.aw_bias[...]
-    b1 = b1.reshape(1, nh, n, -1)  # [1, heads, n, N_k]
-    b2 = jnp.swapaxes(_bilinear(self.na_bias[...], grid).reshape(nh, n, -1), 1, 2)
-    b2 = b2 + (self.ha_bias[...] + self.wa_bias[...]).reshape(nh, -1, n)
+    b1 = common.reshape(b1, (1, nh, n, -1))  # [1, heads, n, N_k]
+    b2 = jnp.swapaxes(common.reshape(_bilinear(self.na_bias[...], grid), (nh, n, -1)), 1, 2)
+    b2 = b2 + common.reshape(self.ha_bias[...] + self.wa_bias[...], (nh, -1, n))
     return b1, b2[None]  # [1, heads, N, n]
 
   def __call__(self, x: jax.Array, grid_size=None) -> jax.Array:
@@ -153,20 +153,21 @@ class AgentAttention(nnx.Module):
     else:
       xr = xg
     kh, kw = xr.shape[1:3]
-    kv = self.kv(xr).reshape(b, kh, kw, 2, c)
+    kv = common.reshape(self.kv(xr), (b, kh, kw, 2, c))
     k, v = kv[..., 0, :], kv[..., 1, :]
-    agents = adaptive_avg_pool(q, self.agent_shape).reshape(b, n, nh, hd)
+    agents = common.reshape(adaptive_avg_pool(q, self.agent_shape), (b, n, nh, hd))
     b1 = b2 = None
     if self.position_bias:
       b1, b2 = self._biases((h, w), (kh, kw))
-    agent_v = attnjax.attention(agents, k.reshape(b, kh * kw, nh, hd),
-                                v.reshape(b, kh * kw, nh, hd), bias=b1, scale=self.scale,
+    agent_v = attnjax.attention(agents, common.reshape(k, (b, kh * kw, nh, hd)),
+                                common.reshape(v, (b, kh * kw, nh, hd)), bias=b1,
+                                scale=self.scale,
                                 impl=self.impl)
-    out = attnjax.attention(q.reshape(b, h * w, nh, hd), agents, agent_v, bias=b2,
+    out = attnjax.attention(common.reshape(q, (b, h * w, nh, hd)), agents, agent_v, bias=b2,
                             scale=self.scale, impl=self.impl)
     if self.sr_ratio > 1:
       v = jax.image.resize(v, (b, h, w, c), method="bilinear", antialias=False)
-    out = out.reshape(b, h, w, c) + self.dwc(v)
+    out = common.reshape(out, (b, h, w, c)) + self.dwc(v)
     return restore(self.proj(out))
 
 

@@ -121,7 +121,8 @@ class CascadedGroupAttention(nnx.Module):
       q = self.dws[i](q)
       mod = None
       if self.attention_biases is not None:
-        mod = abs_offset_bias_score_mod(self.attention_biases[i:i + 1], (h, w), self.resolution)
+        table = common.replicated(self.attention_biases[...])   # per-head row, any mesh
+        mod = abs_offset_bias_score_mod(table[i:i + 1], (h, w), self.resolution)
       o = attnjax.attention(q.reshape(b, h * w, 1, kd), k.reshape(b, h * w, 1, kd),
                             v.reshape(b, h * w, 1, d), score_mod=mod, scale=self.scale,
                             impl=self.impl)

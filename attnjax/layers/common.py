@@ -167,13 +167,70 @@ def match_sharding(x, ref):
   return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*spec))
 
 
+def replicated(x):
+  """``x`` with no mesh axis left under an explicit-axes mesh (small tables indexed per head or
+  per offset); unchanged elsewhere."""
+  spec = explicit_spec(x)
+  if spec is None or all(e is None for e in spec):
+    return x
+  return jax.sharding.reshard(x, jax.sharding.PartitionSpec(*([None] * x.ndim)))
+
+
+def _reshape_spec(old, spec, new, mesh):
+  """Output spec of ``reshape(old -> new)`` keeping each sharded axis on the leading output
+  axis of its group (the axes whose sizes multiply to the same number), which holds the same
+  contiguous chunk per device; None when a sharded axis is not the leading one of its group or
+  the leading output axis is not divisible by the mesh axes' size."""
+  out = [None] * len(new)
+  i = j = 0
+  while i < len(old) and j < len(new):
+    gi, gj, pi, pj = [i], [j], old[i], new[j]
+    while pi != pj:
+      if pi < pj:
+        i += 1
+        gi.append(i)
+        pi *= old[i]
+      else:
+        j += 1
+        gj.append(j)
+        pj *= new[j]
+    sharded = [d for d in gi if spec[d] is not None]
+    if sharded:
+      size = _prod(mesh.shape[a] for a in _mesh_axes_of(spec[sharded[0]]))
+      if sharded != [gi[0]] or new[gj[0]] % size:
+        return None
+      out[gj[0]] = spec[gi[0]]
+    i, j = i + 1, j + 1
+  if any(spec[d] is not None for d in range(i, len(old))):
+    return None
+  return tuple(out)
+
+
+def reshape(x, shape):
+  """``jnp.reshape`` that also type-checks under an explicit-axes mesh, where JAX asks for the
+  output sharding of a reshape that splits or merges a sharded axis: a sharded axis stays on
+  the leading output axis of its group (e.g. channels ``C@tensor -> (heads@tensor, head_dim)``);
+  when that is impossible the sharded axes are gathered first."""
+  shape = tuple(int(d) for d in shape)
+  if -1 in shape:
+    known = _prod(d for d in shape if d != -1)
+    shape = tuple(_prod(x.shape) // known if d == -1 else d for d in shape)
+  spec = explicit_spec(x)
+  if spec is None or all(e is None for e in spec):
+    return jnp.reshape(x, shape)
+  out = _reshape_spec(x.shape, spec, shape, jax.typeof(x).sharding.mesh)
+  if out is None:
+    return jnp.reshape(replicated(x), shape)
+  return jax.lax.reshape(x, shape, out_sharding=jax.sharding.PartitionSpec(*out))
+
+
 def _mesh_axes_of(entry):
   if entry is None:
     return ()
   return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
-def _explicit_out_spec(x, kernel, nin: int):
+def explicit_out_spec(x, kernel, nin: int):
   """Output spec of ``x @ kernel`` (contracting x's trailing ``nin`` axes) under an
   explicit-axes mesh: x's leading axes keep their sharding, the output feature axes take the
   kernel's unless that mesh axis is already used by x's leading axes. None off such meshes
@@ -233,7 +290,7 @@ class Projection(nnx.Module):
       raise ValueError(f"Projection expects trailing input shape {self.in_shape}, got {x.shape}")
     kernel = self.kernel[...].astype(self.dtype)
     kw = {}
-    out_spec = _explicit_out_spec(x, kernel, nin)
+    out_spec = explicit_out_spec(x, kernel, nin)
     if out_spec is not None:
       kw["out_sharding"] = jax.sharding.PartitionSpec(*out_spec)
     y = jax.lax.dot_general(

@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 import attnjax
+from attnjax.layers import common
 from attnjax.layers import window as window_lib
 from attnjax.layers.window import check_dim_heads, check_fits, conv, layer_norm, to_grid
 
@@ -139,11 +140,11 @@ class SpatialReductionAttention(nnx.Module):
   def __call__(self, x: jax.Array, grid_size=None) -> jax.Array:
     xg, restore = to_grid(type(self).__name__, x, grid_size, 2, self.dim)
     b, h, w, c = xg.shape
-    q = self.q(xg).reshape(b, h * w, self.num_heads, self.head_dim)
+    q = common.reshape(self.q(xg), (b, h * w, self.num_heads, self.head_dim))
     xr = self.reduce(xg)
-    kv = self.kv(xr).reshape(b, -1, 2, self.num_heads, self.head_dim)
+    kv = common.reshape(self.kv(xr), (b, -1, 2, self.num_heads, self.head_dim))
     out = attnjax.attention(q, kv[:, :, 0], kv[:, :, 1], scale=self.scale, impl=self.impl)
-    return restore(self.proj(out.reshape(b, h, w, c)))
+    return restore(self.proj(common.reshape(out, (b, h, w, c))))
 
 
 __all__ = ["SpatialReductionAttention", "adaptive_avg_pool", "adaptive_pool_matrix",

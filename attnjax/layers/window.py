@@ -44,11 +44,25 @@ from attnjax.layers import common
 # are ordered ``(3, heads, head_dim)`` so an even split of the fused axis is not head-aligned:
 # they stay replicated. Norm scales, biases of replicated outputs and conv kernels: replicated.
 
+class Linear(nnx.Linear):
+  """``nnx.Linear`` that states its output sharding under an explicit-axes mesh (JAX cannot
+  infer it when the contracted feature axis is sharded, e.g. an output projection over heads
+  sharded on ``tensor``); identical to ``nnx.Linear`` elsewhere."""
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    if out_sharding is None:
+      spec = common.explicit_out_spec(inputs, self.kernel[...], 1)
+      if spec is not None:
+        out_sharding = jax.sharding.PartitionSpec(*spec)
+    return super().__call__(inputs, out_sharding=out_sharding)
+
+
 def linear(in_features: int, out_features: int, in_axis: str | None, out_axis: str | None, *,
-           use_bias: bool = True, **kw) -> nnx.Linear:
-  """``nnx.Linear`` (same default initializers) with its kernel annotated ``(in_axis,
-  out_axis)`` and its bias ``(out_axis,)`` through :func:`attnjax.layers.common.partitioned`."""
-  return nnx.Linear(
+           use_bias: bool = True, **kw) -> Linear:
+  """:class:`Linear` (``nnx.Linear``'s default initializers) with its kernel annotated
+  ``(in_axis, out_axis)`` and its bias ``(out_axis,)`` through
+  :func:`attnjax.layers.common.partitioned`."""
+  return Linear(
       in_features, out_features, use_bias=use_bias,
       kernel_init=common.partitioned(nnx.initializers.lecun_normal(), in_axis, out_axis),
       bias_init=common.partitioned(nnx.initializers.zeros_init(), out_axis), **kw)

@@ -95,3 +95,49 @@ def test_vision_layer_builds_and_runs_under_a_tensor_mesh(name):
     layer = make(nnx.Rngs(0))
     got = layer(x)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_vision_layer_under_an_explicit_tensor_mesh_matches_unsharded(name):
+  """Under a 2-device explicit-axes mesh (``jax.make_mesh``'s default axis type) the layer
+  builds with parameters sharded over ``tensor``, type-checks (reshapes that split sharded
+  channels into heads, projections contracting sharded heads, per-head tables) and equals the
+  unsharded layer, eagerly and under ``nnx.jit``."""
+  if len(jax.devices()) < 2:
+    pytest.skip("needs 2 devices (tests/conftest.py simulates 8)")
+  make, shape, expected = CASES[name]
+  x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+  want = make(nnx.Rngs(0))(x)
+  mesh = jax.make_mesh((2,), (T,), devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    layer = make(nnx.Rngs(0))
+    sharded = [p for p in jax.tree.leaves(nnx.state(layer, nnx.Param))
+               if T in tuple(jax.typeof(p).sharding.spec)]
+    assert bool(sharded) == bool(expected), "parameters sharded over 'tensor' as annotated"
+    got = layer(x)
+    got_jit = nnx.jit(lambda m, x: m(x))(layer, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(got_jit), np.asarray(want), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("shape_in,spec_in,shape_out,spec_out", [
+    ((4, 8), (None, T), (4, 2, 4), (None, T, None)),       # channels -> (heads@, head_dim)
+    ((4, 6), (T, None), (24,), (T,)),                      # merge behind a sharded leading axis
+    ((2, 3, 8), (None, None, T), (6, 2, 4), (None, T, None)),
+    ((4, 6), (None, T), (24,), (None,)),                   # sharded axis not leading: gathered
+    ((4, 6), (None, T), (4, 3, 2), (None, None, None)),    # 3 not divisible by 2: gathered
+    ((4, 8), (None, T), (4, -1, 4), (None, T, None)),      # -1 resolved
+])
+def test_common_reshape_keeps_or_gathers_sharding(shape_in, spec_in, shape_out, spec_out):
+  from attnjax.layers import common
+  if len(jax.devices()) < 2:
+    pytest.skip("needs 2 devices")
+  mesh = jax.make_mesh((2,), (T,), devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  x = np.arange(np.prod(shape_in), dtype=np.float32).reshape(shape_in)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec_in)))
+    y = common.reshape(xs, shape_out)
+    assert tuple(jax.typeof(y).sharding.spec) == spec_out
+  np.testing.assert_array_equal(np.asarray(y), x.reshape(shape_out))
