@@ -180,7 +180,9 @@ def _reshape_spec(old, spec, new, mesh):
   """Output spec of ``reshape(old -> new)`` keeping each sharded axis on the leading output
   axis of its group (the axes whose sizes multiply to the same number), which holds the same
   contiguous chunk per device; None when a sharded axis is not the leading one of its group or
-  the leading output axis is not divisible by the mesh axes' size."""
+  the leading output axis is not divisible by the mesh axes' size. Size-1 axes are ignored."""
+  if 0 in old or 0 in new:
+    return None
   out = [None] * len(new)
   i = j = 0
   while i < len(old) and j < len(new):
@@ -196,10 +198,12 @@ def _reshape_spec(old, spec, new, mesh):
         pj *= new[j]
     sharded = [d for d in gi if spec[d] is not None]
     if sharded:
+      lead_in = next((d for d in gi if old[d] != 1), gi[0])
+      lead_out = next((d for d in gj if new[d] != 1), gj[0])
       size = _prod(mesh.shape[a] for a in _mesh_axes_of(spec[sharded[0]]))
-      if sharded != [gi[0]] or new[gj[0]] % size:
+      if sharded != [lead_in] or new[lead_out] % size:
         return None
-      out[gj[0]] = spec[gi[0]]
+      out[lead_out] = spec[lead_in]
     i, j = i + 1, j + 1
   if any(spec[d] is not None for d in range(i, len(old))):
     return None

@@ -128,6 +128,8 @@ def test_vision_layer_under_an_explicit_tensor_mesh_matches_unsharded(name):
     ((4, 6), (None, T), (24,), (None,)),                   # sharded axis not leading: gathered
     ((4, 6), (None, T), (4, 3, 2), (None, None, None)),    # 3 not divisible by 2: gathered
     ((4, 8), (None, T), (4, -1, 4), (None, T, None)),      # -1 resolved
+    ((1, 8), (None, T), (8,), (T,)),                       # size-1 axes ignored
+    ((8,), (T,), (1, 2, 1, 4), (None, T, None, None)),
 ])
 def test_common_reshape_keeps_or_gathers_sharding(shape_in, spec_in, shape_out, spec_out):
   from attnjax.layers import common
