@@ -210,14 +210,16 @@ def select_backend(p: base.Problem, impl: Any = "auto") -> base.Backend:
   elif impl == "auto":
     reasons = []
     for name in auto_candidates(p, platform):
-      why = base.unsupported(_BACKENDS[name].capabilities, p, platform)
+      why = (base.unsupported(_BACKENDS[name].capabilities, p, platform)
+             or _BACKENDS[name].unsupported_problem(p, platform))
       if why is None:
         return _BACKENDS[name]
       reasons.append(f"{name}: {why}")
     raise NotImplementedError("no backend supports this request: " + "; ".join(reasons))
   else:
     raise TypeError(f"impl must be a backend name or a Backend instance, got {impl!r}")
-  why = base.unsupported(backend.capabilities, p, platform)
+  why = (base.unsupported(backend.capabilities, p, platform)
+         or backend.unsupported_problem(p, platform))
   if why is not None:
     raise NotImplementedError(f"backend {backend.name!r} does not support {why}")
   return backend

@@ -195,6 +195,13 @@ class Backend:
   def __call__(self, problem: Problem):  # pragma: no cover - abstract
     raise NotImplementedError
 
+  def unsupported_problem(self, problem: Problem, platform: str | None) -> str | None:
+    """What this backend cannot serve in ``problem`` beyond its capability flags (e.g. a score
+    mod a kernel compiler cannot lower), in words, or None. Checked by the dispatcher after the
+    flags, so ``impl="auto"`` moves on and an explicit ``impl=`` raises NotImplementedError."""
+    del problem, platform
+    return None
+
   def __repr__(self):
     return f"{type(self).__name__}()"
 

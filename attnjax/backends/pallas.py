@@ -3,8 +3,10 @@ flash kernels of :mod:`pallas_kernels.flash` (FlashAttention-2, Dao 2023).
 
 The adapter turns a validated :class:`~attnjax.backends.base.Problem` into kernel arguments:
 
-* layout ``[B, T, H, D]`` -> head-major ``[B, H, T, D]``, sequences padded to the block sizes
-  (padded keys are masked by the kernel through ``kv_len``; padded query rows are dropped);
+* layout: the GPU kernel reads ``[B, T, H, D]`` in place (``layout="bthd"``: no transposes);
+  the TPU kernel gets head-major ``[B, H, T, D]`` copies. Sequences are padded to the block
+  sizes (padded keys are masked by the kernel through ``kv_len``; padded query rows are
+  dropped);
 * the mask's static block map (cached numpy) -> :class:`~pallas_kernels.flash.common.BlockTables`,
   so the kernels visit only non-empty blocks and skip ``mask_mod`` on FULL ones. With segment ids
   the tables are rebuilt at run time per example from each block's segment-id range (a document
@@ -37,8 +39,20 @@ from attnjax.backends import base
 f32 = jnp.float32
 
 _HW = {"tpu": "tpu", "gpu": "gpu"}
-# Default blocks on hardware: TPU lanes are 128 wide; Triton dots want powers of two.
+# Default blocks on hardware: TPU lanes are 128 wide; Triton dots want powers of two. On a GPU
+# the forward may widen its key tiles to 128 (see PallasBackend.plan); the backward stays at
+# 64 x 64 (64 x 128 cost it ~25% on an H100).
 _DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (64, 64)}
+_DEFAULT_BLOCKS_BWD = {"tpu": (128, 128), "gpu": (64, 64)}
+# GPU forward: 128-wide key tiles when the grid is small and the visited tiles mostly FULL.
+# Measured on an H100 (bfloat16, D=64, T=8192; BENCHMARKS.md): B=1, H=8 causal (1024 programs,
+# ~97% FULL) ran 10% faster at 64 x 128; causal at B=4, H=16 (8192 programs) and the sliding
+# window (~60% FULL) at either size ran faster at 64 x 64.
+_GPU_WIDE_KV, _GPU_WIDE_MAX_PROGRAMS, _GPU_WIDE_MIN_FULL = 128, 2048, 0.75
+
+
+def _precision(dtype):
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _round_up(x, m):
@@ -60,20 +74,40 @@ def _common():
 class PallasBackend(base.Backend):
   """Block-sparse flash attention on Pallas kernels for ``platform`` in {"tpu", "gpu"}.
 
-  ``block_q``/``block_kv`` set the tile (defaults: 128x128 on TPU, 64x64 on GPU; shrunk to the
-  sequence for short inputs). ``interpret=None`` interprets unless running on the kernel's own
-  hardware. ``segment_skip`` builds per-example block tables from segment-id ranges.
+  ``block_q``/``block_kv`` set the tile (defaults: 128x128 on TPU; 64x64 on GPU, where the
+  forward widens its key tiles to 128 for small grids of mostly FULL tiles, see :meth:`plan`;
+  shrunk to the sequence for short inputs). ``block_q_bwd``/``block_kv_bwd`` set the
+  backward's separately (default: ``block_q``/``block_kv`` when those are given, else the
+  platform's backward default). ``num_warps``/``num_stages`` are Triton's compiler parameters
+  (GPU only; None: Pallas' defaults). ``interpret=None`` interprets unless running on the
+  kernel's own hardware. ``segment_skip`` builds per-example block tables from segment-id ranges.
   """
 
   def __init__(self, platform: str, block_q: int | None = None, block_kv: int | None = None,
-               interpret: bool | None = None, segment_skip: bool = True):
+               interpret: bool | None = None, segment_skip: bool = True,
+               num_warps: int | None = None, num_stages: int | None = None,
+               block_q_bwd: int | None = None, block_kv_bwd: int | None = None):
     if platform not in _HW:
       raise ValueError(f"platform must be 'tpu' or 'gpu', got {platform!r}")
-    for name, val in (("block_q", block_q), ("block_kv", block_kv)):
+    for name, val in (("block_q", block_q), ("block_kv", block_kv),
+                      ("block_q_bwd", block_q_bwd), ("block_kv_bwd", block_kv_bwd)):
       if val is not None and (not isinstance(val, int) or val < 8):
         raise ValueError(f"{name} must be an int >= 8, got {val!r}")
+    for name, val in (("num_warps", num_warps), ("num_stages", num_stages)):
+      if val is None:
+        continue
+      if platform != "gpu":
+        raise ValueError(f"{name} is a Triton (GPU) compiler parameter; the {platform} kernels "
+                         f"take none, got {name}={val!r}")
+      pow2 = name == "num_warps"
+      if not isinstance(val, int) or val < 1 or (pow2 and val & (val - 1)):
+        raise ValueError(f"{name} must be a positive int{' power of two' if pow2 else ''}, "
+                         f"got {val!r}")
+    self.num_warps, self.num_stages = num_warps, num_stages
     self.platform = platform
     self.block_q, self.block_kv = block_q, block_kv
+    self.block_q_bwd = block_q_bwd or block_q
+    self.block_kv_bwd = block_kv_bwd or block_kv
     self.interpret = interpret
     self.segment_skip = segment_skip
     dtypes = {"float32", "bfloat16"} | ({"float16"} if platform == "gpu" else set())
@@ -82,16 +116,23 @@ class PallasBackend(base.Backend):
         dtypes=frozenset(dtypes))
 
   def __repr__(self):
+    extra = "".join(f", {n}={v}" for n, v in (
+        ("block_q_bwd", self.block_q_bwd), ("block_kv_bwd", self.block_kv_bwd),
+        ("num_warps", self.num_warps), ("num_stages", self.num_stages))
+        if v is not None and not (n.endswith("_bwd") and v == getattr(self, n[:-4])))
     return (f"PallasBackend({self.platform!r}, block_q={self.block_q}, "
-            f"block_kv={self.block_kv})")
+            f"block_kv={self.block_kv}{extra})")
 
   def _on_hardware(self) -> bool:
     return jax.default_backend() == self.platform
 
-  def block_sizes(self, q_len: int, kv_len: int) -> tuple[int, int]:
-    dq, dk = _DEFAULT_BLOCKS[self.platform]
-    bq = self.block_q or dq
-    bk = self.block_kv or dk
+  def block_sizes(self, q_len: int, kv_len: int, backward: bool = False) -> tuple[int, int]:
+    if backward:
+      dq, dk = _DEFAULT_BLOCKS_BWD[self.platform]
+      bq, bk = self.block_q_bwd or dq, self.block_kv_bwd or dk
+    else:
+      dq, dk = _DEFAULT_BLOCKS[self.platform]
+      bq, bk = self.block_q or dq, self.block_kv or dk
     if self.platform == "tpu":
       # Both block sizes are lane multiples (128) on hardware (the kernel keeps LSE lane-dense).
       lane = 128 if self._on_hardware() else 8
@@ -99,8 +140,34 @@ class PallasBackend(base.Backend):
     floor = 16 if self._on_hardware() else 8
     return (min(bq, max(floor, _next_pow2(q_len))), min(bk, max(floor, _next_pow2(kv_len))))
 
+  def unsupported_problem(self, p: base.Problem, platform: str | None) -> str | None:
+    """On a GPU, compiled (not interpreted): what the Triton lowering cannot take, or None."""
+    if self.platform != "gpu":
+      return None
+    compiled = (not self.interpret) if self.interpret is not None else platform == "gpu"
+    if not compiled:
+      return None
+    sizes = {self.plan(p)[1:], self.block_sizes(p.q_len, p.kv_len, backward=True)}
+    for bq, bk in sorted(sizes):
+      why = _triton_unsupported(p, bq, bk)
+      if why is not None:
+        return why
+    return None
+
   def plan(self, p: base.Problem):
+    """``(block map, block_q, block_kv)`` of the forward. On a GPU with default tiles, the key
+    tile is 128 wide instead of 64 when the grid has at most 2048 programs (too few to hide
+    latency with narrow tiles) and at least 75% of the visited 64 x 128 tiles are FULL (so
+    the wider tiles add little masked work); measured, see ``_GPU_WIDE_KV``."""
     bq, bk = self.block_sizes(p.q_len, p.kv_len)
+    if (self.platform == "gpu" and self.block_kv is None and self._on_hardware()
+        and bk < _GPU_WIDE_KV <= p.kv_len):
+      wide = base.static_block_map(p, bq, _GPU_WIDE_KV)
+      visited = int((wide != masks_lib.EMPTY).sum())
+      programs = p.batch * p.num_q_heads * wide.shape[-2]
+      if (programs <= _GPU_WIDE_MAX_PROGRAMS
+          and (wide == masks_lib.FULL).sum() >= _GPU_WIDE_MIN_FULL * visited):
+        return wide, bq, _GPU_WIDE_KV
     return base.static_block_map(p, bq, bk), bq, bk
 
   def __call__(self, p: base.Problem):
@@ -109,12 +176,19 @@ class PallasBackend(base.Backend):
     B, Tq, Hq, D = p.q.shape
     Tk, Hkv, Dv = p.k.shape[1], p.k.shape[2], p.v.shape[-1]
     bm, bq, bk = self.plan(p)
-    nq, nk = bm.shape[-2:]
-    Tqp, Tkp = nq * bq, nk * bk
+    bqb, bkb = self.block_sizes(p.q_len, p.kv_len, backward=True)
+    # Pad to a multiple of both tilings (powers of two, or lane multiples on TPU).
+    Tqp = _round_up(Tq, np.lcm(bq, bqb))
+    Tkp = _round_up(Tk, np.lcm(bk, bkb))
+    bm = _pad_map(bm, Tqp // bq, Tkp // bk)
 
-    q = _pad(p.q, 1, Tqp).transpose(0, 2, 1, 3)
-    k = _pad(p.k, 1, Tkp).transpose(0, 2, 1, 3)
-    v = _pad(p.v, 1, Tkp).transpose(0, 2, 1, 3)
+    # The GPU kernel reads [B, T, H, D] in place; the TPU kernel's tiles need the sequence on
+    # the sublane axis, so it gets head-major copies.
+    bthd = self.platform == "gpu"
+    to_kernel = (lambda x: x) if bthd else (lambda x: x.transpose(0, 2, 1, 3))
+    q = to_kernel(_pad(p.q, 1, Tqp))
+    k = to_kernel(_pad(p.k, 1, Tkp))
+    v = to_kernel(_pad(p.v, 1, Tkp))
     q_pos, kv_pos = p.positions()
     q_pos = _pad(q_pos, 1, Tqp, "edge")
     kv_pos = _pad(kv_pos, 1, Tkp, "edge")
@@ -123,55 +197,144 @@ class PallasBackend(base.Backend):
       qseg = _pad(p.q_segment_ids, 1, Tqp, "edge")
       kvseg = _pad(p.kv_segment_ids, 1, Tkp, "edge")
 
-    bm4 = bm[None]  # [1, H|1, nq, nk]
-    if qseg is not None and self.segment_skip:
-      fwd_t, dkv_t = common.tables_from_block_map_jnp(
-          _segment_block_map(bm4, qseg, kvseg, bq, bk),
-          max_kv=int((bm != masks_lib.EMPTY).sum(-1).max(initial=1)),
-          max_q=int((bm != masks_lib.EMPTY).sum(-2).max(initial=1)))
-    else:
-      fwd_t, dkv_t = common.tables_from_block_map(bm4)
+    def tables(bm, bq, bk):
+      bm4 = bm[None]  # [1, H|1, nq, nk]
+      if qseg is not None and self.segment_skip:
+        return common.tables_from_block_map_jnp(
+            _segment_block_map(bm4, qseg, kvseg, bq, bk),
+            max_kv=int((bm != masks_lib.EMPTY).sum(-1).max(initial=1)),
+            max_q=int((bm != masks_lib.EMPTY).sum(-2).max(initial=1)))
+      return common.tables_from_block_map(bm4)
 
     mask = p.mask
-    mask_fn, mask_params, mask_in_score = _mask_for_kernel(mask, bq, bk)
-
-    mod, flat_params, specs, treedef = None, (), (), None
-    if p.score_mod is not None:
-      mod = p.score_mod.bind((1, 1, bq, bk), (1, 1, 1, 1), (1, 1, 1, 1), (1, 1, bq, 1),
-                             (1, 1, 1, bk))
-      params = mod.pad_params(Tqp, Tkp)
-      flat_params, treedef = jax.tree.flatten(params)
-      tilings = jax.tree.leaves(mod.tiling, is_leaf=lambda x: isinstance(x, scores_lib.Tiling))
-      specs = tuple(common.ParamSpec(batch_axis=t.batch_axis, head_axis=t.head_axis,
-                                     q_axis=t.q_axis, kv_axis=t.kv_axis) for t in tilings)
-    n_mod = len(flat_params)
-    specs = specs + (common.ParamSpec(),) * len(mask_params)   # mask arrays: passed whole
-
-    score_fn = None
-    if mod is not None or mask_in_score is not None:
-      fn = mod.fn if mod is not None else None
-
-      def score_fn(ptile, s, b, h, qp, kp):
-        if fn is not None:
-          prm = jax.tree.unflatten(treedef, list(ptile[:n_mod]))
-          s = fn(prm, s[None, None], jnp.reshape(b, (1, 1, 1, 1)), jnp.reshape(h, (1, 1, 1, 1)),
-                 qp[None, None], kp[None, None])[0, 0]
-        if mask_in_score is not None:
-          s = jnp.where(mask_in_score(ptile[n_mod:], qp, kp, h), s, -jnp.inf)
-        return s
-
     sinks = None if p.sinks is None else p.sinks.astype(f32)
-    kw = dict(fwd_tables=fwd_t, dkv_tables=dkv_t, kv_len=Tk, scale=float(p.scale),
-              mask_fn=mask_fn, score_fn=score_fn, score_param_specs=specs, block_q=bq,
-              block_kv=bk, interpret=self.interpret)
-    static = _Static(kern=kern, kw=kw, mod=mod, treedef=treedef, specs=specs[:n_mod], bm=bm,
-                     bq=bq, bk=bk, Tk=Tk, mask=mask, n_mod=n_mod)
+
+    def kernel_kw(bm, bq, bk):
+      """Kernel arguments at one tiling (the in-tile callables are built for its tile shape)."""
+      fwd_t, dkv_t = tables(bm, bq, bk)
+      mask_fn, mask_params, mod, flat_params, specs, treedef, n_mod, score_fn = _kernel_fns(
+          p, bq, bk, Tqp, Tkp)
+      kw = dict(fwd_tables=fwd_t, dkv_tables=dkv_t, kv_len=Tk, scale=float(p.scale),
+                mask_fn=mask_fn, score_fn=score_fn, score_param_specs=specs, block_q=bq,
+                block_kv=bk, interpret=self.interpret)
+      if self.platform == "gpu":
+        kw.update(num_warps=self.num_warps, num_stages=self.num_stages, layout="bthd")
+      return kw, (mask_params, mod, flat_params, specs, treedef, n_mod)
+
+    kw, (mask_params, mod, flat_params, specs, treedef, n_mod) = kernel_kw(bm, bq, bk)
+    if (bqb, bkb) == (bq, bk):
+      kw_bwd = kw
+    else:
+      bm_b = _pad_map(base.static_block_map(p, bqb, bkb), Tqp // bqb, Tkp // bkb)
+      kw_bwd = kernel_kw(bm_b, bqb, bkb)[0]
+    static = _Static(kern=kern, kw=kw, kw_bwd=kw_bwd, mod=mod, treedef=treedef,
+                     specs=specs[:n_mod], bm=bm, bq=bq, bk=bk, Tk=Tk, mask=mask, n_mod=n_mod,
+                     bthd=bthd)
     out, lse = _make_core(static)(q, k, v, sinks, tuple(flat_params) + mask_params, qseg, kvseg,
                                   q_pos, kv_pos)
-    out = out[:, :, :Tq].transpose(0, 2, 1, 3).astype(p.q.dtype)
+    out = (out[:, :Tq] if bthd else out[:, :, :Tq].transpose(0, 2, 1, 3)).astype(p.q.dtype)
     if p.return_lse:
       return out, lse[:, :, :Tq].transpose(0, 2, 1)
     return out
+
+
+def _kernel_fns(p: base.Problem, bq: int, bk: int, Tqp: int, Tkp: int):
+  """The kernels' in-tile callables and their array params: ``(mask_fn, mask_params, mod,
+  flat_params, specs, treedef, n_mod, score_fn)`` (see ``_mask_for_kernel`` and the score-mod
+  binding below)."""
+  common = _common()
+  mask = p.mask
+  mask_fn, mask_params, mask_in_score = _mask_for_kernel(mask, bq, bk)
+
+  mod, flat_params, specs, treedef = None, (), (), None
+  if p.score_mod is not None:
+    mod = p.score_mod.bind((1, 1, bq, bk), (1, 1, 1, 1), (1, 1, 1, 1), (1, 1, bq, 1),
+                           (1, 1, 1, bk))
+    params = mod.pad_params(Tqp, Tkp)
+    flat_params, treedef = jax.tree.flatten(params)
+    tilings = jax.tree.leaves(mod.tiling, is_leaf=lambda x: isinstance(x, scores_lib.Tiling))
+    specs = tuple(common.ParamSpec(batch_axis=t.batch_axis, head_axis=t.head_axis,
+                                   q_axis=t.q_axis, kv_axis=t.kv_axis) for t in tilings)
+  n_mod = len(flat_params)
+  specs = specs + (common.ParamSpec(),) * len(mask_params)   # mask arrays: passed whole
+
+  score_fn = None
+  if mod is not None or mask_in_score is not None:
+    fn = mod.fn if mod is not None else None
+
+    def score_fn(ptile, s, b, h, qp, kp):
+      if fn is not None:
+        prm = jax.tree.unflatten(treedef, list(ptile[:n_mod]))
+        s = fn(prm, s[None, None], jnp.reshape(b, (1, 1, 1, 1)), jnp.reshape(h, (1, 1, 1, 1)),
+               qp[None, None], kp[None, None])[0, 0]
+      if mask_in_score is not None:
+        s = jnp.where(mask_in_score(ptile[n_mod:], qp, kp, h), s, -jnp.inf)
+      return s
+  return mask_fn, mask_params, mod, flat_params, specs, treedef, n_mod, score_fn
+
+
+# Primitives the Pallas Triton lowering cannot compile inside a kernel (a table lookup in a
+# score mod is a gather; Triton has no gather from register tensors). Used only when this jax's
+# own table of Triton lowering rules cannot be read (it is private API).
+_TRITON_UNSUPPORTED = frozenset({"gather", "scatter", "scatter-add", "scatter_add", "sort",
+                                 "dynamic_slice", "dynamic_update_slice", "argsort", "erf"})
+
+
+def _triton_bad_primitives(prims: set) -> list:
+  try:
+    from jax._src.pallas.triton import lowering as triton_lowering
+    known = {p.name for p in triton_lowering.triton_lowering_rules}
+  except Exception:  # noqa: BLE001 - private API moved: fall back to the known gaps
+    return sorted(prims & _TRITON_UNSUPPORTED)
+  return sorted(prims - known)
+
+
+def _primitives(jaxpr) -> set:
+  out = set()
+  for eqn in jaxpr.eqns:
+    out.add(eqn.primitive.name)
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          out |= _primitives(getattr(inner, "jaxpr", inner))
+  return out
+
+
+def _triton_unsupported(p: base.Problem, bq: int, bk: int) -> str | None:
+  """Why the compiled GPU kernel cannot take ``p``'s mask/score mod, or None: every array in a
+  Triton kernel must have power-of-two dimensions, and some primitives do not lower."""
+  Tqp, Tkp = _round_up(p.q_len, bq), _round_up(p.kv_len, bk)
+  mask_fn, mask_params, mod, flat_params, specs, treedef, n_mod, score_fn = _kernel_fns(
+      p, bq, bk, Tqp, Tkp)
+  tiles = []
+  for x, sp in zip(tuple(flat_params) + tuple(mask_params), specs):
+    shape = list(jnp.shape(x))
+    for ax, n in ((sp.batch_axis, 1), (sp.head_axis, 1), (sp.q_axis, bq), (sp.kv_axis, bk)):
+      if ax is not None:
+        shape[ax] = n
+    bad = [d for d in shape if d & (d - 1)]
+    what = "score_mod" if len(tiles) < n_mod else "mask"
+    if bad:
+      return (f"a {what} array of shape {tuple(jnp.shape(x))} on the compiled GPU kernel: its "
+              f"tile {tuple(shape)} has dimensions {bad} that are not powers of two (Pallas "
+              "Triton needs power-of-two arrays); use impl='chunked' or 'xla'")
+    tiles.append(jax.ShapeDtypeStruct(tuple(shape), jnp.result_type(x)))
+  fns = []
+  if mask_fn is not None:
+    fns.append(("mask", lambda: jax.make_jaxpr(mask_fn)(
+        jax.ShapeDtypeStruct((bq, 1), jnp.int32), jax.ShapeDtypeStruct((1, bk), jnp.int32),
+        jnp.int32(0))))
+  if score_fn is not None:
+    fns.append(("score_mod" if n_mod else "mask", lambda: jax.make_jaxpr(score_fn)(
+        tuple(tiles), jax.ShapeDtypeStruct((bq, bk), jnp.float32), jnp.int32(0), jnp.int32(0),
+        jax.ShapeDtypeStruct((bq, 1), jnp.int32), jax.ShapeDtypeStruct((1, bk), jnp.int32))))
+  for what, trace in fns:
+    bad = _triton_bad_primitives(_primitives(trace().jaxpr))
+    if bad:
+      return (f"this {what} on the compiled GPU kernel: it uses {bad}, which the Pallas Triton "
+              "lowering cannot compile (e.g. a table lookup); use impl='chunked' or 'xla'")
+  return None
 
 
 class _Static:
@@ -179,6 +342,13 @@ class _Static:
 
   def __init__(self, **kw):
     self.__dict__.update(kw)
+
+
+def _pad_map(bm: np.ndarray, nq: int, nk: int) -> np.ndarray:
+  """The block map grown to ``[.., nq, nk]`` with EMPTY blocks (rows/columns of padding only:
+  padded keys are masked by ``kv_len`` and padded query rows are dropped)."""
+  grow = [(0, 0)] * (bm.ndim - 2) + [(0, nq - bm.shape[-2]), (0, nk - bm.shape[-1])]
+  return np.pad(bm, grow, constant_values=masks_lib.EMPTY) if any(g[1] for g in grow) else bm
 
 
 def _pad(x, axis, size, mode="constant"):
@@ -233,9 +403,9 @@ def _mask_for_kernel(mask: masks_lib.Mask, bq: int, bk: int):
   return None, params, in_score
 
 
-def _kernel_kwargs(st: _Static, params, qseg, kvseg, q_pos, kv_pos, sinks):
-  return dict(st.kw, score_params=params, q_segment_ids=qseg, kv_segment_ids=kvseg,
-              q_pos=q_pos, kv_pos=kv_pos, sinks=sinks)
+def _kernel_kwargs(st: _Static, params, qseg, kvseg, q_pos, kv_pos, sinks, backward=False):
+  return dict(st.kw_bwd if backward else st.kw, score_params=params, q_segment_ids=qseg,
+              kv_segment_ids=kvseg, q_pos=q_pos, kv_pos=kv_pos, sinks=sinks)
 
 
 def _make_core(st: _Static):
@@ -263,8 +433,9 @@ def _make_core(st: _Static):
     g_out = jnp.zeros(out.shape, out.dtype) if _is_zero(g_out) else g_out.astype(out.dtype)
     g_lse = jnp.zeros(lse.shape, f32) if _is_zero(g_lse) else g_lse.astype(f32)
     # dL/ds = p * (dp - delta); an LSE cotangent adds p * g_lse, i.e. delta -= g_lse.
-    delta = jnp.sum(g_out.astype(f32) * out.astype(f32), axis=-1) - g_lse
-    kw = _kernel_kwargs(st, params, qseg, kvseg, q_pos, kv_pos, sinks)
+    rows = jnp.sum(g_out.astype(f32) * out.astype(f32), axis=-1)
+    delta = (rows.transpose(0, 2, 1) if st.bthd else rows) - g_lse   # [B, Hq, Tq] like lse
+    kw = _kernel_kwargs(st, params, qseg, kvseg, q_pos, kv_pos, sinks, backward=True)
     dq, dk, dv = st.kern.flash_attention_bwd(q, k, v, out, lse, g_out, delta, **kw)
     dsinks = None
     if sinks is not None:
@@ -275,8 +446,9 @@ def _make_core(st: _Static):
                              for x in xs)
     mod_params, mask_params = params[:st.n_mod], params[st.n_mod:]
     if mod_params and want_params:
-      dparams = _param_grads(st, mod_params, q, k, v, lse, g_out, delta, qseg, kvseg, q_pos,
-                             kv_pos)
+      hm = (lambda x: x.transpose(0, 2, 1, 3)) if st.bthd else (lambda x: x)  # head-major
+      dparams = _param_grads(st, mod_params, hm(q), hm(k), hm(v), lse, hm(g_out), delta, qseg,
+                             kvseg, q_pos, kv_pos)
     else:
       dparams = zeros(mod_params)
     dparams = dparams + zeros(mask_params)   # mask arrays are constants of the mask
@@ -361,8 +533,11 @@ def _param_grads(st: _Static, params, q, k, v, lse, do, delta, qseg, kvseg, q_po
     dot = jax.lax.dynamic_slice_in_dim(do, i * bq, bq, axis=2)
     kt = jnp.repeat(kt, G, axis=1) if G > 1 else kt
     vt = jnp.repeat(vt, G, axis=1) if G > 1 else vt
-    s = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=f32) * st.kw["scale"]
-    dp = jnp.einsum("bhqd,bhkd->bhqk", dot, vt, preferred_element_type=f32)
+    # Same arithmetic as the kernels: float32 at full precision (GPU XLA would default to TF32).
+    s = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=f32,
+                   precision=_precision(qt.dtype)) * st.kw["scale"]
+    dp = jnp.einsum("bhqd,bhkd->bhqk", dot, vt, preferred_element_type=f32,
+                    precision=_precision(vt.dtype))
     qp = jax.lax.dynamic_slice_in_dim(q_pos, i * bq, bq, axis=1)      # [Bp, bq]
     kp = jax.lax.dynamic_slice_in_dim(kv_pos, j * bk, bk, axis=1)
     qp = jnp.broadcast_to(qp, (B, bq)) if Bp_q == 1 else qp

@@ -215,10 +215,11 @@ def prepare(q, k, v, lengths, *, scale, q_positions, kv_positions, window_left, 
     raise ValueError(f"softcap must be None or a float > 0, got {softcap!r}")
   scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
   if not interpret and platform == "gpu":
-    for name, n in (("D", D), ("Dv", Dv)):
-      if not _is_pow2(n) or n < 16:
-        raise ValueError(f"head dim {name}={n} is not supported on gpu: it must be a power of "
-                         "two >= 16 (Triton block shapes)")
+    # Triton block shapes are powers of two and its dots want >= 16: zero-pad the head dims
+    # (zeros leave q.k unchanged; padded value columns are dropped by combine).
+    Dp, Dvp = (max(16, 1 << (n - 1).bit_length()) for n in (D, Dv))
+    q, k = (jnp.pad(x, ((0, 0),) * 3 + ((0, Dp - D),)) if Dp != D else x for x in (q, k))
+    v = jnp.pad(v, ((0, 0),) * 3 + ((0, Dvp - Dv),)) if Dvp != Dv else v
 
   if q_positions is None:
     q_pos = lengths[:, None] - Tq + jnp.arange(Tq, dtype=jnp.int32)[None]
@@ -268,7 +269,8 @@ def prepare(q, k, v, lengths, *, scale, q_positions, kv_positions, window_left, 
   G = Hq // Hkv
   R = Tq * G
   rp = -(-R // 8) * 8 if platform == "tpu" else max(16, 1 << (R - 1).bit_length())
-  qp = q.reshape(B, Tq, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, R, D)
+  Dq = q.shape[-1]  # D, or its padded size on GPU
+  qp = q.reshape(B, Tq, Hkv, G, Dq).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, R, Dq)
   qp = jnp.pad(qp, ((0, 0), (0, 0), (0, rp - R), (0, 0)))
   row_lo = jnp.pad(jnp.repeat(lo, G, axis=1), ((0, 0), (0, rp - R)), constant_values=0)
   row_hi = jnp.pad(jnp.repeat(hi, G, axis=1), ((0, 0), (0, rp - R)), constant_values=-1)
@@ -285,7 +287,7 @@ def combine(prep: Prepared, acc, m, l, sinks=None, return_lse: bool = False, out
   ``L = sum_k exp(m_k - M) l_k + exp(sink - M)``; ``L = 0`` gives ``out = 0``, ``lse = -inf``."""
   B, Tq, Hq, Hkv, Dv = prep.batch, prep.tq, prep.hq, prep.hkv, prep.dv
   G, R = Hq // Hkv, prep.tq * (Hq // Hkv)
-  acc, m, l = acc[:, :, :, :R], m[:, :, :, :R], l[:, :, :, :R]
+  acc, m, l = acc[:, :, :, :R, :Dv], m[:, :, :, :R], l[:, :, :, :R]
   mx = jnp.max(m, axis=1)                                          # [B, Hkv, R]
   if sinks is not None:
     sink_rows = jnp.tile(sinks.astype(jnp.float32).reshape(Hkv, G), (1, Tq))  # r = t*G + g

@@ -12,10 +12,10 @@ merges the splits.
 
 float32 inputs use full-precision (not TF32) matmuls.
 
-Hardware constraints (checked unless interpreting): ``block_kv`` a power of two >= 16, ``D`` and
-``Dv`` powers of two >= 16; rows are padded to a power of two >= 16 (``tl.dot`` needs M >= 16).
-Lowering to Triton IR is checked on CPU by the tests; the kernel has not been compiled or run on
-a real GPU in this repository.
+Hardware constraints (checked unless interpreting): ``block_kv`` a power of two >= 16. ``D`` and
+``Dv`` are zero-padded to powers of two >= 16 on a GPU (``common.prepare``) and rows to a power
+of two >= 16 (``tl.dot`` needs M >= 16). Lowering to Triton IR is checked on CPU by the tests;
+the kernel's tests also ran compiled on an H100 (BENCHMARKS.md, "Pallas kernels on hardware").
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def decode_partials(prep: common.Prepared, *, interpret, count_blocks: bool = Fa
   plus, with ``count_blocks`` (a test hook), the number of blocks each (example, split, kv head)
   computed ``int32 [B, ns, Hkv]``."""
   B, Hkv, rp, D = prep.q.shape
-  S, Dv = prep.k.shape[1], prep.dv
+  S, Dv = prep.k.shape[1], prep.v.shape[-1]  # Dv padded on GPU (see common.prepare)
   bk, ns = prep.block_kv, prep.num_splits
   bps = prep.blocks.shape[-1]
   bps_p = 1 << (bps - 1).bit_length()   # Triton block shapes are powers of two

@@ -7,8 +7,10 @@ streams key/value blocks; the backward recomputes the probabilities from the sav
 and runs two kernels, ``dq`` (rows = query blocks) and ``dk/dv`` (rows = key blocks), so no
 atomics are needed. Block sparsity comes from :class:`~pallas_kernels.flash.common.BlockTables`:
 each program loops (``lax.fori_loop`` up to its row's count) over the listed blocks only, so work
-is proportional to the non-empty blocks. Blocks flagged ``full`` skip ``mask_fn`` genuinely
-(``lax.cond`` -> ``scf.if``); segment ids and key padding (``kv_len``) are applied in every block.
+is proportional to the non-empty blocks. Each row's blocks are visited FULL first, in a loop
+with no mask code, then PARTIAL ones with ``mask_fn`` (two loops, no branch in either: the
+FlashAttention off-diagonal / diagonal split, for any mask); segment ids and key padding
+(``kv_len``) are applied in every block.
 Tables may be numpy (static sparsity) or traced ``jnp`` arrays (runtime sparsity: NSA, MoBA,
 top-k); they are ordinary int32 kernel inputs read with scalar loads.
 
@@ -22,10 +24,14 @@ prefetch is used. Every load is in bounds by construction (``T % block == 0`` is
 caller pads), so no load/store masks are needed. In interpret mode block sizes >= 8 are accepted
 so tests stay small; on a GPU they must be >= 16.
 
-Layout is head-major: ``q [B, Hq, Tq, D]``, ``k [B, Hkv, Tk, D]``, ``v [B, Hkv, Tk, Dv]``. GQA
-query head ``h`` reads kv head ``h // (Hq // Hkv)`` directly (no repeated K/V); the dk/dv kernel
-loops over the ``Hq // Hkv`` query heads sharing its kv head inside the program, so no per-query
--head dk/dv is materialized.
+Layout: ``layout="bhtd"`` (head-major, the default) takes ``q [B, Hq, Tq, D]``,
+``k [B, Hkv, Tk, D]``, ``v [B, Hkv, Tk, Dv]`` and returns ``out`` alike; ``layout="bthd"`` takes
+and returns the model layout ``[B, T, H, D]`` and reads the tiles in place (rows of one head are
+``H * D`` elements apart), so a caller needs no transposes (on an H100 this made the causal
+forward at T=8192, B=1, H=8 about 5% faster than head-major copies). ``lse`` and
+``delta`` are ``[B, Hq, Tq]`` either way. GQA query head ``h`` reads kv head ``h // (Hq // Hkv)``
+directly (no repeated K/V); the dk/dv kernel loops over the ``Hq // Hkv`` query heads sharing its
+kv head inside the program, so no per-query-head dk/dv is materialized.
 
 Score mods: ``score_fn(param_tiles, s, batch, head, q_pos, kv_pos)`` is applied to the scaled
 logits before masking, inside the kernel; its derivative w.r.t. ``s`` is taken with ``jax.vjp``
@@ -41,7 +47,9 @@ A row that sees no key gets output 0, lse ``-inf`` and zero gradients (no NaN). 
 (``kv_len < Tk``) is masked in every visited block, FULL ones included (one compare per tile;
 safe even if a caller's FULL flag ignored padding). On GPU, score-param tiles are Triton tensors
 too: their whole axes (e.g. a low-rank bias rank) must be powers of two, and a ``tl.dot`` inside
-``score_fn`` needs every dimension >= 16. float32 inputs use IEEE-precision dots (no TF32).
+``score_fn`` needs every dimension >= 16. float32 inputs use IEEE-precision dots (no TF32: the
+Triton lowering's default for a float32 dot is one TF32 pass). On a GPU head dims are zero-padded
+to powers of two >= 16 (``tl.dot`` needs K, N >= 16).
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ from pallas_kernels.flash.common import BlockTables
 __all__ = ["flash_attention", "flash_attention_fwd", "flash_attention_bwd"]
 
 _NEG_INF = float("-inf")
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 class _Static(NamedTuple):
@@ -81,7 +91,17 @@ class _Static(NamedTuple):
   num_warps: int | None
   num_stages: int | None
   interpret: bool
+  layout: str  # "bhtd" or "bthd"
   count_visits: bool  # debug: also return the number of executed loop iterations per row
+
+
+def _bhtd(c, shape):
+  """``(B, H, T, D)`` of an array in the call's layout."""
+  return tuple(shape) if c.layout == "bhtd" else (shape[0], shape[2], shape[1], shape[3])
+
+
+def _layout_shape(c, b, h, t, d):
+  return (b, h, t, d) if c.layout == "bhtd" else (b, t, h, d)
 
 
 def _pow2(n: int) -> bool:
@@ -102,8 +122,11 @@ def _full_spec(shape):
 
 
 def _dot(a, b, contract_a: int, contract_b: int):
+  # float32 operands: IEEE dots. Triton's default for a float32 dot is one TF32 pass (max
+  # relative error ~4e-4 against float64 on an H100), which the lowering picks for DEFAULT.
+  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 and b.dtype == jnp.float32 else None
   return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=jnp.float32, precision=prec)
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -129,10 +152,12 @@ def _param_tiles(c: _Static, prefs, b, h, qi, kj):
   return tuple(tiles)
 
 
-def _scores(c: _Static, q, k, q_pos, kv_pos, q_seg, kv_seg, prefs, b, h, qi, kj, full,
-            need_vjp=False):
-  """Masked logits ``[bq, bk]`` (f32, -inf where hidden) and, if asked, the score_fn vjp."""
-  s = _dot(q, k, 1, 1) * c.scale
+def _scores(c: _Static, q, k, q_pos, kv_pos, q_seg, kv_seg, prefs, b, h, qi, kj, masked: bool,
+            need_vjp=False, unit=1.0):
+  """Masked logits ``[bq, bk]`` (f32, -inf where hidden), times ``unit`` (``log2(e)`` for the
+  forward's base-2 softmax, folded into the scale; only without a score_fn), and, if asked,
+  the score_fn vjp."""
+  s = _dot(q, k, 1, 1) * (c.scale * unit)
   vjp = None
   if c.score_fn is not None:
     tiles = _param_tiles(c, prefs, b, h, qi, kj)
@@ -150,10 +175,8 @@ def _scores(c: _Static, q, k, q_pos, kv_pos, q_seg, kv_seg, prefs, b, h, qi, kj,
     keep = pad if keep is None else keep & pad
   if keep is not None:
     s = jnp.where(keep, s, _NEG_INF)
-  if c.mask_fn is not None:
-    def partial(x):
-      return jnp.where(c.mask_fn(q_pos, kv_pos, h), x, _NEG_INF)
-    s = lax.cond(full != 0, lambda x: x, partial, s)
+  if masked and c.mask_fn is not None:  # static: FULL blocks have no mask code at all
+    s = jnp.where(c.mask_fn(q_pos, kv_pos, h), s, _NEG_INF)
   return s, vjp
 
 
@@ -179,9 +202,50 @@ def _call(kernel, c: _Static, grid, inputs, params, outputs, name, **kernel_kw):
   )(*(a for _, a, _ in inputs), *params)
 
 
+def _full_first(tables: BlockTables):
+  """``(blocks, counts, n_full)``: each row's listed blocks reordered FULL first, then PARTIAL
+  (stable; padding slots last), and the number of FULL ones. The kernels then run two loops, the
+  first with no mask code and no branch (FlashAttention's off-diagonal / diagonal stages for any
+  mask), which keeps the loop body straight-line for Triton's software pipelining. Accumulation
+  order changes only rounding."""
+  blocks, counts, full = tables
+  xp = np if all(isinstance(a, np.ndarray) for a in tables) else jnp
+  slot = xp.arange(blocks.shape[-1])
+  valid = slot < counts[..., None]
+  is_full = valid & (full != 0)
+  key = xp.where(is_full, 0, xp.where(valid, 1, 2))
+  order = xp.argsort(key, axis=-1, stable=True)
+  blocks = xp.take_along_axis(blocks, order, axis=-1)
+  return blocks, counts, is_full.sum(-1).astype(np.int32)
+
+
 def _table_inputs(tables):
-  arrs = [jnp.asarray(a, jnp.int32) for a in tables]
-  return [(n, a, _full_spec(a.shape)) for n, a in zip(("blocks", "counts", "full"), arrs)]
+  arrs = [jnp.asarray(a, jnp.int32) for a in _full_first(tables)]
+  return [(n, a, _full_spec(a.shape)) for n, a in zip(("blocks", "counts", "n_full"), arrs)]
+
+
+def _two_loops(n_full, n, body, carry):
+  """``body(slot, carry, masked)`` over slots ``[0, n_full)`` unmasked, then ``[n_full, n)``."""
+  carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(n_full, n, functools.partial(body, masked=True), carry)
+
+
+def _spec(c: _Static, heads, rows, d, index):
+  """BlockSpec of a ``rows x d`` tile (``heads`` None: one squeezed head, else that many heads)
+  of a ``[B, H, T, D]`` (bhtd) or ``[B, T, H, D]`` (bthd) array; ``index(*grid_ids)`` returns
+  ``(b, head block, row block)``."""
+  if c.layout == "bhtd":
+    return pl.BlockSpec((None, heads, rows, d), lambda *g: (*index(*g), 0))
+
+  def idx(*g):
+    b, hb, rb = index(*g)
+    return b, rb, hb, 0
+  return pl.BlockSpec((None, rows, heads, d), idx)
+
+
+def _head_rows(c: _Static, ref, g, rows):
+  """Rows ``rows`` of head ``g`` of a multi-head tile."""
+  return ref[g, rows, :] if c.layout == "bhtd" else ref[rows, g, :]
 
 
 def _q_row_inputs(c: _Static, q, k, v, tables, q_pos, kv_pos, q_seg, kv_seg):
@@ -190,10 +254,10 @@ def _q_row_inputs(c: _Static, q, k, v, tables, q_pos, kv_pos, q_seg, kv_seg):
   block), whole-array tables."""
   Hq, G, bq = c.hq, c.hq // c.hkv, c.block_q
   qpb, kpb = q_pos.shape[0], kv_pos.shape[0]
-  kvmap = lambda i, bh: (bh // Hq, (bh % Hq) // G, 0, 0)
-  ins = [("q", q, pl.BlockSpec((None, None, bq, q.shape[-1]), _qmap(c))),
-         ("k", k, pl.BlockSpec((None, None, c.tk, k.shape[-1]), kvmap)),
-         ("v", v, pl.BlockSpec((None, None, c.tk, v.shape[-1]), kvmap)),
+  kvmap = lambda i, bh: (bh // Hq, (bh % Hq) // G, 0)
+  ins = [("q", q, _spec(c, None, bq, q.shape[-1], _qmap(c))),
+         ("k", k, _spec(c, None, c.tk, k.shape[-1], kvmap)),
+         ("v", v, _spec(c, None, c.tk, v.shape[-1], kvmap)),
          ("q_pos", q_pos, pl.BlockSpec((None, bq), lambda i, bh: (_sel(bh // Hq, qpb), i))),
          ("kv_pos", kv_pos, pl.BlockSpec((None, c.tk), lambda i, bh: (_sel(bh // Hq, kpb), 0)))]
   if c.has_seg:
@@ -203,7 +267,7 @@ def _q_row_inputs(c: _Static, q, k, v, tables, q_pos, kv_pos, q_seg, kv_seg):
 
 
 def _qmap(c):
-  return lambda i, bh: (bh // c.hq, bh % c.hq, i, 0)
+  return lambda i, bh: (bh // c.hq, bh % c.hq, i)
 
 
 def _rowmap(c):
@@ -228,49 +292,53 @@ def _fwd_kernel(*refs, c: _Static, names, n_params):
   q_pos = r["q_pos"][...][:, None]
   q_seg = r["q_seg"][...] if c.has_seg else None
   bq, dv = q.shape[0], o_ref.shape[-1]
+  # Without a score_fn the softmax runs in base 2: log2(e) folds into the logit scale and exp2
+  # is the hardware instruction (one multiply per logit less, as in FlashAttention's kernels).
+  unit, exp = (_LOG2E, jnp.exp2) if c.score_fn is None else (1.0, jnp.exp)
   if c.has_sinks:  # the sink is a logit whose value row is zero: start the softmax with it
-    m0 = jnp.full((bq,), r["sinks"][h].astype(jnp.float32))
+    m0 = jnp.full((bq,), r["sinks"][h].astype(jnp.float32) * unit)
     l0 = jnp.ones((bq,), jnp.float32)
   else:
     m0 = jnp.full((bq,), _NEG_INF, jnp.float32)
     l0 = jnp.zeros((bq,), jnp.float32)
   acc0 = jnp.zeros((bq, dv), jnp.float32)
 
-  def body(slot, carry):
+  def body(slot, carry, masked):
     m, l, acc, cnt = carry
     kj = r["blocks"][tb, th, i, slot]
-    full = r["full"][tb, th, i, slot]
     ks = pl.ds(kj * c.block_kv, c.block_kv)
     k, v = r["k"][ks, :], r["v"][ks, :]
     kv_pos = r["kv_pos"][ks][None, :]
     kv_seg = r["kv_seg"][ks] if c.has_seg else None
-    s, _ = _scores(c, q, k, q_pos, kv_pos, q_seg, kv_seg, prefs, b, h, i, kj, full)
+    s, _ = _scores(c, q, k, q_pos, kv_pos, q_seg, kv_seg, prefs, b, h, i, kj, masked,
+                   unit=unit)
     m_new = jnp.maximum(m, s.max(axis=-1))
     m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)  # all hidden so far: avoid inf - inf
-    p = jnp.exp(s - m_safe[:, None])
-    alpha = jnp.exp(m - m_safe)
+    p = exp(s - m_safe[:, None])
+    alpha = exp(m - m_safe)
     l = alpha * l + p.sum(axis=-1)
     acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, 1, 0)
     return m_new, l, acc, cnt + 1
 
-  n = r["counts"][tb, th, i]
-  m, l, acc, cnt = lax.fori_loop(0, n, body, (m0, l0, acc0, jnp.int32(0)))
+  m, l, acc, cnt = _two_loops(r["n_full"][tb, th, i], r["counts"][tb, th, i], body,
+                              (m0, l0, acc0, jnp.int32(0)))
   empty = l == 0.0
   l_safe = jnp.where(empty, 1.0, l)
   o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(empty, _NEG_INF, m + jnp.log(l_safe))
+  lse = m + jnp.log(l_safe) if unit == 1.0 else (m + jnp.log2(l_safe)) * _LN2
+  lse_ref[...] = jnp.where(empty, _NEG_INF, lse)
   if c.count_visits:
     outs[2][...] = jnp.full((1,), cnt, jnp.int32)
 
 
 def _fwd_call(c: _Static, q, k, v, sinks, aux):
-  B, Hq, Tq, _ = q.shape
+  B, Hq, Tq, _ = _bhtd(c, q.shape)
   nq = Tq // c.block_q
   ins = _q_row_inputs(c, q, k, v, aux.fwd_tables, aux.q_pos, aux.kv_pos, aux.q_seg, aux.kv_seg)
   if c.has_sinks:
     ins.append(("sinks", sinks.astype(jnp.float32), _full_spec((Hq,))))
-  outs = [(jax.ShapeDtypeStruct((B, Hq, Tq, v.shape[-1]), q.dtype),
-           pl.BlockSpec((None, None, c.block_q, v.shape[-1]), _qmap(c))),
+  outs = [(jax.ShapeDtypeStruct(_layout_shape(c, B, Hq, Tq, v.shape[-1]), q.dtype),
+           _spec(c, None, c.block_q, v.shape[-1], _qmap(c))),
           (jax.ShapeDtypeStruct((B, Hq, Tq), jnp.float32),
            pl.BlockSpec((None, None, c.block_q), _rowmap(c)))]
   outs += _visits_out(c, nq, Hq) if c.count_visits else []
@@ -300,21 +368,20 @@ def _dq_kernel(*refs, c: _Static, names, n_params):
   q_pos = r["q_pos"][...][:, None]
   q_seg = r["q_seg"][...] if c.has_seg else None
 
-  def body(slot, carry):
+  def body(slot, carry, masked):
     dq, cnt = carry
     kj = r["blocks"][tb, th, i, slot]
-    full = r["full"][tb, th, i, slot]
     ks = pl.ds(kj * c.block_kv, c.block_kv)
     k, v = r["k"][ks, :], r["v"][ks, :]
     kv_pos = r["kv_pos"][ks][None, :]
     kv_seg = r["kv_seg"][ks] if c.has_seg else None
-    s, vjp = _scores(c, q, k, q_pos, kv_pos, q_seg, kv_seg, prefs, b, h, i, kj, full,
+    s, vjp = _scores(c, q, k, q_pos, kv_pos, q_seg, kv_seg, prefs, b, h, i, kj, masked,
                      need_vjp=True)
     _, ds = _p_and_ds(s, vjp, lse, delta, do, v)
     return dq + _dot(ds.astype(k.dtype), k, 1, 0), cnt + 1
 
-  n = r["counts"][tb, th, i]
-  dq, cnt = lax.fori_loop(0, n, body, (jnp.zeros(q.shape, jnp.float32), jnp.int32(0)))
+  dq, cnt = _two_loops(r["n_full"][tb, th, i], r["counts"][tb, th, i], body,
+                       (jnp.zeros(q.shape, jnp.float32), jnp.int32(0)))
   outs[0][...] = (dq * c.scale).astype(outs[0].dtype)
   if c.count_visits:
     outs[1][...] = jnp.full((1,), cnt, jnp.int32)
@@ -333,23 +400,22 @@ def _dkv_kernel(*refs, c: _Static, names, n_params):
     h = kvh * G + g
     tb, th = _sel(b, r["blocks"].shape[0]), _sel(h, r["blocks"].shape[1])
 
-    def body(slot, carry):
+    def body(slot, carry, masked):
       dk, dv, cnt = carry
       qi = r["blocks"][tb, th, j, slot]
-      full = r["full"][tb, th, j, slot]
       qs = pl.ds(qi * bq, bq)
-      q, do = r["q"][g, qs, :], r["do"][g, qs, :]
+      q, do = _head_rows(c, r["q"], g, qs), _head_rows(c, r["do"], g, qs)
       lse, delta = r["lse"][g, qs], r["delta"][g, qs]
       q_pos = r["q_pos"][qs][:, None]
       q_seg = r["q_seg"][qs] if c.has_seg else None
-      s, vjp = _scores(c, q, k, q_pos, kv_pos, q_seg, kv_seg, prefs, b, h, qi, j, full,
+      s, vjp = _scores(c, q, k, q_pos, kv_pos, q_seg, kv_seg, prefs, b, h, qi, j, masked,
                        need_vjp=True)
       p, ds = _p_and_ds(s, vjp, lse, delta, do, v)
       dv = dv + _dot(p.astype(do.dtype), do, 0, 0)
       dk = dk + _dot(ds.astype(q.dtype), q, 0, 0)
       return dk, dv, cnt + 1
 
-    return lax.fori_loop(0, r["counts"][tb, th, j], body, carry)
+    return _two_loops(r["n_full"][tb, th, j], r["counts"][tb, th, j], body, carry)
 
   carry0 = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32), jnp.int32(0))
   dk, dv, cnt = lax.fori_loop(0, G, head_body, carry0)
@@ -360,30 +426,30 @@ def _dkv_kernel(*refs, c: _Static, names, n_params):
 
 
 def _bwd_call(c: _Static, q, k, v, lse, do, delta, aux):
-  B, Hq, Tq, D = q.shape
+  B, Hq, Tq, D = _bhtd(c, q.shape)
   Dv, G, bq, bk, Hkv = v.shape[-1], Hq // c.hkv, c.block_q, c.block_kv, c.hkv
   nq, nk = Tq // bq, c.tk // bk
   lse, delta = lse.astype(jnp.float32), delta.astype(jnp.float32)
 
   # dq: rows = query blocks, loop over the forward tables.
   ins = _q_row_inputs(c, q, k, v, aux.fwd_tables, aux.q_pos, aux.kv_pos, aux.q_seg, aux.kv_seg)
-  ins += [("do", do, pl.BlockSpec((None, None, bq, Dv), _qmap(c))),
+  ins += [("do", do, _spec(c, None, bq, Dv, _qmap(c))),
           ("lse", lse, pl.BlockSpec((None, None, bq), _rowmap(c))),
           ("delta", delta, pl.BlockSpec((None, None, bq), _rowmap(c)))]
-  outs = [(jax.ShapeDtypeStruct(q.shape, q.dtype), pl.BlockSpec((None, None, bq, D), _qmap(c)))]
+  outs = [(jax.ShapeDtypeStruct(q.shape, q.dtype), _spec(c, None, bq, D, _qmap(c)))]
   outs += _visits_out(c, nq, Hq) if c.count_visits else []
   dq_out = _call(_dq_kernel, c, (nq, B * Hq), ins, aux.params, outs, "flash_dq_gpu")
 
   # dk/dv: rows = key blocks; each program loops over the G query heads of its kv head and,
   # per head, over the query blocks listed in the dkv tables.
   qpb, kpb = aux.q_pos.shape[0], aux.kv_pos.shape[0]
-  kmap = lambda j, bkh: (bkh // Hkv, bkh % Hkv, j, 0)
-  gmap = lambda j, bkh: (bkh // Hkv, bkh % Hkv, 0, 0)
+  kmap = lambda j, bkh: (bkh // Hkv, bkh % Hkv, j)
+  gmap = lambda j, bkh: (bkh // Hkv, bkh % Hkv, 0)
   grow = lambda j, bkh: (bkh // Hkv, bkh % Hkv, 0)
-  ins = [("q", q, pl.BlockSpec((None, G, Tq, D), gmap)),
-         ("k", k, pl.BlockSpec((None, None, bk, D), kmap)),
-         ("v", v, pl.BlockSpec((None, None, bk, Dv), kmap)),
-         ("do", do, pl.BlockSpec((None, G, Tq, Dv), gmap)),
+  ins = [("q", q, _spec(c, G, Tq, D, gmap)),
+         ("k", k, _spec(c, None, bk, D, kmap)),
+         ("v", v, _spec(c, None, bk, Dv, kmap)),
+         ("do", do, _spec(c, G, Tq, Dv, gmap)),
          ("lse", lse, pl.BlockSpec((None, G, Tq), grow)),
          ("delta", delta, pl.BlockSpec((None, G, Tq), grow)),
          ("q_pos", aux.q_pos, pl.BlockSpec((None, Tq), lambda j, bkh: (_sel(bkh // Hkv, qpb), 0))),
@@ -393,8 +459,8 @@ def _bwd_call(c: _Static, q, k, v, lse, do, delta, aux):
     ins += [("q_seg", aux.q_seg, pl.BlockSpec((None, Tq), lambda j, bkh: (bkh // Hkv, 0))),
             ("kv_seg", aux.kv_seg, pl.BlockSpec((None, bk), lambda j, bkh: (bkh // Hkv, j)))]
   ins += _table_inputs(aux.dkv_tables)
-  outs = [(jax.ShapeDtypeStruct(k.shape, k.dtype), pl.BlockSpec((None, None, bk, D), kmap)),
-          (jax.ShapeDtypeStruct(v.shape, v.dtype), pl.BlockSpec((None, None, bk, Dv), kmap))]
+  outs = [(jax.ShapeDtypeStruct(k.shape, k.dtype), _spec(c, None, bk, D, kmap)),
+          (jax.ShapeDtypeStruct(v.shape, v.dtype), _spec(c, None, bk, Dv, kmap))]
   outs += _visits_out(c, nk, Hkv) if c.count_visits else []
   dkv_out = _call(_dkv_kernel, c, (nk, B * Hkv), ins, aux.params, outs, "flash_dkv_gpu")
   return (dq_out[0], *dkv_out[:2], *dq_out[1:], *dkv_out[2:])
@@ -436,20 +502,25 @@ def _check_tables(name, t, batch, hq, n_rows, n_cols):
 def _setup(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, scale, mask_fn=None,
            score_fn=None, score_params=(), score_param_specs=(), q_segment_ids=None,
            kv_segment_ids=None, sinks=None, block_q=64, block_kv=64, num_warps=None,
-           num_stages=None, interpret=None, count_visits=False):
+           num_stages=None, interpret=None, layout="bhtd", count_visits=False):
   """Validate the arguments; return the static config and the non-differentiated arrays."""
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   interpret = bool(interpret)
+  if layout not in ("bhtd", "bthd"):
+    raise ValueError(f"layout must be 'bhtd' ([B, H, T, D]) or 'bthd' ([B, T, H, D]), "
+                     f"got {layout!r}")
+  names = "[B, H, T, D] (layout='bhtd')" if layout == "bhtd" else "[B, T, H, D] (layout='bthd')"
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-    raise ValueError(f"q, k, v must be rank 4 [B, H, T, D] (head-major); got q {q.shape}, "
-                     f"k {k.shape}, v {v.shape}")
-  B, Hq, Tq, D = q.shape
-  _, Hkv, Tk, _ = k.shape
+    raise ValueError(f"q, k, v must be rank 4 {names}; got q {q.shape}, k {k.shape}, "
+                     f"v {v.shape}")
+  hm = (lambda s: tuple(s)) if layout == "bhtd" else (lambda s: (s[0], s[2], s[1], s[3]))
+  B, Hq, Tq, D = hm(q.shape)
+  _, Hkv, Tk, _ = hm(k.shape)
   if k.shape[0] != B or k.shape[3] != D:
-    raise ValueError(f"k must be [B={B}, Hkv, Tk, D={D}], got {k.shape}")
-  if v.shape[:3] != k.shape[:3]:
-    raise ValueError(f"v must be [B, Hkv, Tk, Dv] matching k {k.shape[:3]}, got {v.shape}")
+    raise ValueError(f"k must be {names} with B={B}, D={D}, got {k.shape}")
+  if hm(v.shape)[:3] != hm(k.shape)[:3]:
+    raise ValueError(f"v must be {names} matching k's B, H, T; got k {k.shape}, v {v.shape}")
   if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.float32, jnp.bfloat16,
                                                              jnp.float16):
     raise ValueError(f"q, k, v must share one dtype among float32/bfloat16/float16, got "
@@ -463,10 +534,6 @@ def _setup(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, scale, mas
                        f"({'interpret mode' if interpret else 'tl.dot on GPU'}), got {blk}")
     if t % blk:
       raise ValueError(f"{name}={blk} must divide the sequence length {t} (the caller pads)")
-  if not interpret:
-    for name, d in (("q/k head dim", D), ("v head dim", v.shape[3])):
-      if d % 16:
-        raise ValueError(f"{name} must be a multiple of 16 on GPU, got {d}")
   kv_len = int(kv_len)
   if not 0 <= kv_len <= Tk:
     raise ValueError(f"kv_len must satisfy 0 <= kv_len <= Tk={Tk}, got {kv_len}")
@@ -510,7 +577,7 @@ def _setup(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, scale, mas
     specs.append(axes)
   c = _Static(B, Hq, Hkv, Tk, kv_len, float(scale), int(block_q), int(block_kv), mask_fn,
               score_fn, tuple(specs), has_seg, sinks is not None, num_warps, num_stages,
-              interpret, bool(count_visits))
+              interpret, layout, bool(count_visits))
   aux = _Aux(fwd_tables, dkv_tables, q_pos, kv_pos, q_segment_ids, kv_segment_ids,
              tuple(jnp.asarray(p) for p in score_params))
   return c, aux
@@ -520,20 +587,32 @@ def _pad_last(x, n):
   return x if x.shape[-1] == n else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n - x.shape[-1])])
 
 
+def _dim(c: _Static, d: int) -> int:
+  """Padded head dim: Triton tensors are powers of two and tl.dot wants >= 16 on a GPU; zero
+  columns are inert in q.k and dropped from the output."""
+  return _next_pow2(d) if c.interpret else max(16, _next_pow2(d))
+
+
 def _fwd_impl(c: _Static, q, k, v, sinks, aux: _Aux):
   D, Dv = q.shape[-1], v.shape[-1]
-  Dp, Dvp = _next_pow2(D), _next_pow2(Dv)  # Triton tensors are powers of two; zeros are inert
+  Dp, Dvp = _dim(c, D), _dim(c, Dv)
   outs = _fwd_call(c, _pad_last(q, Dp), _pad_last(k, Dp), _pad_last(v, Dvp), sinks, aux)
   return (outs[0][..., :Dv],) + tuple(outs[1:])
 
 
 def _bwd_impl(c: _Static, q, k, v, lse, do, delta, aux: _Aux):
   D, Dv = q.shape[-1], v.shape[-1]
-  Dp, Dvp = _next_pow2(D), _next_pow2(Dv)
+  Dp, Dvp = _dim(c, D), _dim(c, Dv)
   outs = _bwd_call(c, _pad_last(q, Dp), _pad_last(k, Dp), _pad_last(v, Dvp), lse,
                    _pad_last(do.astype(q.dtype), Dvp), delta, aux)
   dq, dk, dv, *visits = outs  # visits: (dq, dkv) loop counts when c.count_visits
   return (dq[..., :D], dk[..., :D], dv[..., :Dv], *visits)
+
+
+def _rowsum(c: _Static, do, out):
+  """``rowsum(do * out)`` as ``[B, Hq, Tq]`` f32 (the layout of lse and delta)."""
+  d = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  return d if c.layout == "bhtd" else d.transpose(0, 2, 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -549,7 +628,7 @@ def _flash_fwd_rule(c, q, k, v, sinks, aux):
 def _flash_bwd_rule(c, res, g):
   q, k, v, sinks, aux, out, lse = res
   do, dlse = g
-  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1) - dlse.astype(jnp.float32)
+  delta = _rowsum(c, do, out) - dlse.astype(jnp.float32)
   dq, dk, dv = _bwd_impl(c, q, k, v, lse, do, delta, aux)[:3]
   dsinks = None
   if sinks is not None:
@@ -569,8 +648,10 @@ def _kwargs(local_vars, drop=("q", "k", "v", "out", "lse", "do", "delta")):
 def flash_attention(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, scale,
                     mask_fn=None, score_fn=None, score_params=(), score_param_specs=(),
                     q_segment_ids=None, kv_segment_ids=None, sinks=None, block_q=64,
-                    block_kv=64, num_warps=None, num_stages=None, interpret=None):
-  """Block-sparse flash attention ``-> (out [B, Hq, Tq, Dv] in q.dtype, lse [B, Hq, Tq] f32)``.
+                    block_kv=64, num_warps=None, num_stages=None, interpret=None,
+                    layout="bhtd"):
+  """Block-sparse flash attention ``-> (out [B, Hq, Tq, Dv] in q.dtype, lse [B, Hq, Tq] f32)``
+  (``out`` is ``[B, Tq, Hq, Dv]`` with ``layout="bthd"``).
 
   A ``jax.custom_vjp`` differentiable in ``q``, ``k``, ``v`` and ``sinks``; tables, positions,
   segment ids and score params get no gradient (score params are passed through
@@ -584,7 +665,8 @@ def flash_attention(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, s
   ``score_param_specs`` (``common.ParamSpec``); ``q_segment_ids [B, Tq]``,
   ``kv_segment_ids [B, Tk]``; ``sinks [Hq]``; ``block_q``/``block_kv``: powers of two dividing
   Tq/Tk; ``num_warps``/``num_stages``: Triton compiler params; ``interpret``: None means True
-  unless the default backend is GPU.
+  unless the default backend is GPU; ``layout``: "bhtd" (q, k, v, out head-major) or "bthd"
+  (``[B, T, H, D]``, read in place).
   """
   c, aux = _setup(q, k, v, **_kwargs(locals()))
   return _flash(c, q, k, v, sinks, aux)
@@ -593,7 +675,8 @@ def flash_attention(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, s
 def flash_attention_fwd(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, scale,
                         mask_fn=None, score_fn=None, score_params=(), score_param_specs=(),
                         q_segment_ids=None, kv_segment_ids=None, sinks=None, block_q=64,
-                        block_kv=64, num_warps=None, num_stages=None, interpret=None):
+                        block_kv=64, num_warps=None, num_stages=None, interpret=None,
+                        layout="bhtd"):
   """Forward kernel only: ``(out, lse)``; arguments as :func:`flash_attention`."""
   c, aux = _setup(q, k, v, **_kwargs(locals()))
   return tuple(_fwd_impl(c, q, k, v, sinks, aux)[:2])
@@ -603,7 +686,7 @@ def flash_attention_bwd(q, k, v, out, lse, do, delta, *, fwd_tables, dkv_tables,
                         kv_len, scale, mask_fn=None, score_fn=None, score_params=(),
                         score_param_specs=(), q_segment_ids=None, kv_segment_ids=None,
                         sinks=None, block_q=64, block_kv=64, num_warps=None, num_stages=None,
-                        interpret=None):
+                        interpret=None, layout="bhtd"):
   """Backward kernels: ``(dq, dk, dv)`` from the forward ``out``/``lse``, the output cotangent
   ``do`` and ``delta = rowsum(do * out) - dlse`` (``[B, Hq, Tq]`` f32; ``out`` itself is only
   needed through delta). The sink gradient ``dsink_h = -sum_{b,i} exp(sink_h - lse) * delta`` is
@@ -618,6 +701,6 @@ def _visit_counts(q, k, v, do, **kwargs):
   ``(fwd [B, Hq, nq], dq [B, Hq, nq], dkv [B, Hkv, nk])``."""
   c, aux = _setup(q, k, v, count_visits=True, **kwargs)
   out, lse, fwd_cnt = _fwd_impl(c, q, k, v, kwargs.get("sinks"), aux)
-  delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  delta = _rowsum(c, do, out)
   *_, dq_cnt, dkv_cnt = _bwd_impl(c, q, k, v, lse, do, delta, aux)
   return fwd_cnt, dq_cnt, dkv_cnt

@@ -72,6 +72,14 @@ from pallas_kernels.flash.common import BlockTables, ParamSpec
 _LANES = 128
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _F32 = jnp.float32
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def _mm(a, b, dims):
+  """f32-accumulating matmul; float32 operands at full precision (DEFAULT may run one bfloat16
+  pass on the MXU), other dtypes at their native rate."""
+  prec = lax.Precision.HIGHEST if a.dtype == _F32 and b.dtype == _F32 else None
+  return lax.dot_general(a, b, dims, preferred_element_type=_F32, precision=prec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +329,7 @@ def _to_row(col):
 
 def _logits(cfg, c, r, q, k, masked, want_vjp=False):
   """Masked logits ``[bq, bk]`` f32 (-inf where invisible) and the score_fn pullback."""
-  s = lax.dot_general(q, k, _NT, preferred_element_type=_F32) * cfg.scale
+  s = _mm(q, k, _NT) * cfg.scale
   pull = None
   qp, kp = r.qpos[...], r.kvpos[...]
   if cfg.score_fn is not None:
@@ -398,8 +406,7 @@ def _fwd_kernel(cfg, *args):
     p = jnp.exp(s - m_safe)
     alpha = jnp.exp(m_prev - m_safe)
     l_new = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
-    acc_scr[...] = alpha * acc_scr[...] + jnp.dot(p.astype(v.dtype), v,
-                                                  preferred_element_type=_F32)
+    acc_scr[...] = alpha * acc_scr[...] + _mm(p.astype(v.dtype), v, _NN)
     m_scr[...] = jnp.broadcast_to(m_new, m_scr.shape)
     l_scr[...] = jnp.broadcast_to(l_new, l_scr.shape)
 
@@ -474,7 +481,7 @@ def _probs_and_ds(cfg, c, r, q, k, v, do, masked):
   s, pull = _logits(cfg, c, r, q, k, masked, want_vjp=True)
   lse = _to_col(r.lse[...])
   p = jnp.exp(s - jnp.where(lse == -jnp.inf, 0.0, lse))  # rows with no key: s = -inf -> p = 0
-  dp = lax.dot_general(do, v, _NT, preferred_element_type=_F32)
+  dp = _mm(do, v, _NT)
   ds = p * (dp - _to_col(r.delta[...]))
   if pull is not None:
     ds = pull(ds)[0]
@@ -494,7 +501,7 @@ def _dq_kernel(cfg, *args):
   def step(masked):
     k = r.k[...]
     _, ds = _probs_and_ds(cfg, c, r, r.q[...], k, r.v[...], r.do[...], masked)
-    acc[...] += cfg.scale * jnp.dot(ds.astype(k.dtype), k, preferred_element_type=_F32)
+    acc[...] += cfg.scale * _mm(ds.astype(k.dtype), k, _NN)
 
   _run_slots(cfg, c, step)
 
@@ -517,8 +524,8 @@ def _dkv_kernel(cfg, *args):
   def step(masked):
     q, do = r.q[...], r.do[...]
     p, ds = _probs_and_ds(cfg, c, r, q, r.k[...], r.v[...], do, masked)
-    dv_acc[...] += jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=_F32)
-    dk_acc[...] += cfg.scale * jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=_F32)
+    dv_acc[...] += _mm(p.T.astype(do.dtype), do, _NN)
+    dk_acc[...] += cfg.scale * _mm(ds.T.astype(q.dtype), q, _NN)
 
   _run_slots(cfg, c, step)
 

@@ -7,6 +7,8 @@ several blocks (ragged last blocks, skipped blocks, FULL and PARTIAL tiles)."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,10 @@ PALLAS = {
     # the kernel tests run a subset with InterpretParams(uninitialized_memory="nan")).
     "pallas_tpu-8x16": PallasBackend("tpu", block_q=8, block_kv=16, interpret=True),
 }
+# On a GPU host, ATTNJAX_PALLAS_BACKENDS=pallas_gpu runs the cases on the compiled GPU kernel only.
+_ONLY = os.environ.get("ATTNJAX_PALLAS_BACKENDS")
+if _ONLY:
+  PALLAS = {k: v for k, v in PALLAS.items() if k.split("-")[0] in _ONLY.split(",")}
 
 pytestmark = pytest.mark.pallas
 
@@ -126,3 +132,79 @@ def test_wrong_platform_raises():
     with jax.enable_x64(True):
       x = jnp.ones((1, 8, 1, 8), jnp.float64)
       aj.attention(x, x, x, impl="pallas_gpu")
+
+
+def test_compiled_gpu_declines_what_triton_cannot_lower():
+  """The compiled GPU kernel (interpret=False) declines, naming why, a score mod that needs a
+  gather (table lookups) and parameter tiles with non-power-of-two dimensions; the dispatcher
+  turns that into NotImplementedError for an explicit backend. Interpreted, nothing is
+  declined."""
+  from attnjax import scores as S
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(1, 64, 2, 16)), jnp.float32)
+  compiled, interp = PallasBackend("gpu", interpret=False), PallasBackend("gpu")
+  prob = lambda **kw: aj.build_problem(q, q, q, **kw)
+  assert compiled.unsupported_problem(prob(mask=M.causal() & M.sliding_window(9, 0),
+                                           score_mod=S.softcap(5.0)), "gpu") is None
+  assert compiled.unsupported_problem(prob(score_mod=S.alibi(jnp.ones(2))), "gpu") is None
+  rel = prob(score_mod=S.relative_bias(jnp.ones((2, 13)), 6))
+  why = compiled.unsupported_problem(rel, "gpu")
+  assert why is not None and ("power" in why or "gather" in why), why
+  t5 = prob(score_mod=S.relative_bias(jnp.ones((2, 8)), 20, mode="t5", bidirectional=False))
+  assert "gather" in compiled.unsupported_problem(t5, "gpu")
+  low = prob(score_mod=S.low_rank_bias(jnp.ones((1, 64, 2, 3)), jnp.ones((1, 64, 2, 3))))
+  assert "not powers of two" in compiled.unsupported_problem(low, "gpu")
+  low4 = prob(score_mod=S.low_rank_bias(jnp.ones((1, 64, 2, 4)), jnp.ones((1, 64, 2, 4))))
+  assert compiled.unsupported_problem(low4, "gpu") is None
+  q30 = q[:, :30]
+  dense = aj.build_problem(q30, q30, q30, mask=M.dense(np.tril(np.ones((30, 30), bool))))
+  assert "mask" in compiled.unsupported_problem(dense, "gpu")
+  with pytest.raises(NotImplementedError, match="gather"):
+    aj.attention(q, q, q, impl=compiled, score_mod=S.relative_bias(jnp.ones((2, 8)), 20,
+                                                                   mode="t5"))
+  for p in (rel, t5, low, dense):
+    assert interp.unsupported_problem(p, "cpu") is None
+
+
+def test_backward_tiles_differ_from_forward():
+  """Forward and backward at different tilings (lengths padded to both, block maps grown with
+  EMPTY blocks, in-tile callables built per tiling): still equal to the float64 reference,
+  with a per-head mask, sinks, segment ids and a score mod with a parameter gradient."""
+  be = PallasBackend("gpu", block_q=16, block_kv=32, block_q_bwd=32, block_kv_bwd=16)
+  assert be.block_sizes(45, 45) == (16, 32) and be.block_sizes(45, 45, backward=True) == (32, 16)
+  case = Case(B=2, Tq=45, Tk=45, Hq=4, Hkv=2, D=8, Dv=12, mask=MASKS["per_head"], sinks=True,
+              segments=True, score_mod=SCORE_MODS["alibi"], seed=3)
+  check_all(case, backends={"pallas_gpu-16x32/32x16": be},
+            needs=("per_head_masks", "sinks", "segment_ids", "score_mods"))
+
+
+def test_gpu_forward_widens_key_tiles_for_small_mostly_full_grids():
+  """The GPU forward's tile rule (plan): 64 x 128 for a small grid of mostly FULL tiles
+  (causal, B=1, H=8), 64 x 64 for a large grid or a partial-heavy mask; the backward keeps
+  64 x 64; an explicit block_kv is never overridden; interpret mode is left alone."""
+  def plan(B, H, mask, **kw):
+    be = PallasBackend("gpu", **kw)
+    be._on_hardware = lambda: True
+    q = jax.ShapeDtypeStruct((B, 8192, H, 64), jnp.bfloat16)
+    p = aj.build_problem(jnp.zeros(q.shape, q.dtype), jnp.zeros(q.shape, q.dtype),
+                         jnp.zeros(q.shape, q.dtype), mask=mask)
+    return be.plan(p)[1:], be.block_sizes(8192, 8192, backward=True)
+  causal, sliding = M.causal(), M.causal() & M.sliding_window(511, 0)
+  assert plan(1, 8, causal) == ((64, 128), (64, 64))
+  assert plan(4, 16, causal) == ((64, 64), (64, 64))
+  assert plan(1, 8, sliding) == ((64, 64), (64, 64))
+  assert plan(1, 8, causal, block_kv=64) == ((64, 64), (64, 64))
+  be = PallasBackend("gpu")   # on this CPU: interpreted, no widening
+  q = jnp.zeros((1, 256, 2, 16))
+  assert be.plan(aj.build_problem(q, q, q, mask=causal))[1:] == (64, 64)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(platform="tpu", num_warps=4), "Triton .GPU. compiler parameter"),
+    (dict(platform="gpu", num_warps=3), "num_warps must be a positive int power of two"),
+    (dict(platform="gpu", num_stages=0), "num_stages must be a positive int"),
+    (dict(platform="gpu", block_kv_bwd=4), "block_kv_bwd must be an int >= 8"),
+])
+def test_backend_argument_errors(kw, match):
+  with pytest.raises(ValueError, match=match):
+    PallasBackend(**kw)

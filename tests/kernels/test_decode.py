@@ -223,7 +223,6 @@ def test_gradient_raises():
     (dict(window_left=-1), "window_left"),
     (dict(softcap=-2.0), "softcap"),
     (dict(dv_rank3=True), "rank 4"),
-    (dict(d=24, platform="gpu", interpret=False), "power of two"),
     (dict(hkv=1, dtypes=(jnp.float32, jnp.bfloat16)), "share one dtype"),
     (dict(hkv=1, dtypes=(jnp.float16,) * 2, platform="tpu", interpret=False),
      "not supported on tpu"),
@@ -257,3 +256,19 @@ def test_lowers_for_hardware(platform, lowering_platform):
                      sds((B,), jnp.int32), kv_positions=sds((B, S), jnp.int32),
                      sinks=sds((Hq,), jnp.float32)).lower(lowering_platforms=(lowering_platform,))
   assert ("tpu_custom_call" if platform == "tpu" else "__gpu") in lowered.as_text()
+
+
+def test_gpu_pads_head_dims():
+  """On a GPU (interpret=False) head dims that Triton cannot take (not a power of two >= 16) are
+  zero-padded by ``prepare``; the softmax scale still uses the true D."""
+  from pallas_kernels.decode import common as dcommon
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+             for s in ((2, 1, 4, 24), (2, 64, 2, 24), (2, 64, 2, 8)))
+  prep = dcommon.prepare(q, k, v, jnp.full((2,), 64, jnp.int32), scale=None, q_positions=None,
+                         kv_positions=None, window_left=None, softcap=None, block_kv=None,
+                         num_splits=None, platform="gpu", interpret=False)
+  assert prep.q.shape[-1] == 32 and prep.k.shape[-1] == 32 and prep.v.shape[-1] == 16
+  assert (prep.d, prep.dv) == (24, 8) and prep.scale == pytest.approx(24 ** -0.5)
+  np.testing.assert_array_equal(prep.k[..., 24:], 0)
+  np.testing.assert_array_equal(prep.v[..., 8:], 0)

@@ -1,5 +1,8 @@
 """GPU (Triton-lowered) block-sparse flash attention, run in Pallas interpret mode on CPU.
 
+On a GPU host, ``PALLAS_GPU_COMPILED=1`` runs the same cases on the compiled kernels instead
+(``interpret=None``: compiled when the default backend is a GPU).
+
 Every case compares the kernel's forward (out, lse) and backward (dq, dk, dv, dsinks; random
 cotangents on out and lse) with an independent float64 dense reference written here: logits are
 materialized, ``mask_fn`` is evaluated on full index grids, then segment ids, key padding, sinks
@@ -8,6 +11,9 @@ kernel's block sizes.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import numpy as np
 import pytest
@@ -19,6 +25,7 @@ from pallas_kernels.flash import common, gpu
 from pallas_kernels.flash.common import ParamSpec
 
 BQ = BK = 16
+INTERPRET = None if os.environ.get("PALLAS_GPU_COMPILED") == "1" else True
 
 
 # ----------------------------------------------------------------------------- masks, score mods
@@ -55,7 +62,8 @@ def alibi(params, s, b, h, qp, kp):
 
 def low_rank(params, s, b, h, qp, kp):
   u, w = params  # tiles [1, bq, 1, R], [1, bk, 1, R]
-  return s + jnp.einsum("qr,kr->qk", u[0, :, 0, :], w[0, :, 0, :])
+  return s + jnp.einsum("qr,kr->qk", u[0, :, 0, :], w[0, :, 0, :],
+                       precision=jax.lax.Precision.HIGHEST)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -184,7 +192,7 @@ def run_case(seed, *, B=2, Hq=2, Hkv=None, Tq=32, Tk=None, D=16, Dv=None, mask_f
             mask_fn=mask_fn, score_fn=score_fn, score_params=tuple(jnp.asarray(p, jnp.float32)
                                                                    for p in params),
             score_param_specs=specs, q_segment_ids=q_seg, kv_segment_ids=kv_seg, block_q=BQ,
-            block_kv=BK, interpret=True)
+            block_kv=BK, interpret=INTERPRET)
   do = rng.standard_normal((B, Hq, Tq, Dv))
   dlse = rng.standard_normal((B, Hq, Tq))
 
@@ -327,7 +335,7 @@ def test_loop_visits_only_nonempty_blocks():
   do = jnp.asarray(rng.standard_normal((B, Hq, T, D)), jnp.float32)
   fwd, dq, dkv = jax.jit(lambda q, k, v, do: gpu._visit_counts(
       q, k, v, do, fwd_tables=ft, dkv_tables=dt, q_pos=pos, kv_pos=pos, kv_len=T,
-      scale=0.25, mask_fn=three_patterns, block_q=BQ, block_kv=BK, interpret=True))(q, k, v, do)
+      scale=0.25, mask_fn=three_patterns, block_q=BQ, block_kv=BK, interpret=INTERPRET))(q, k, v, do)
   per_row = nonempty.sum(-1)  # [Hq, nq]
   np.testing.assert_array_equal(np.asarray(fwd)[0], per_row)
   np.testing.assert_array_equal(np.asarray(dq)[0], per_row)
@@ -347,10 +355,11 @@ def test_full_blocks_skip_mask_fn():
     ft, dt = common.tables_from_block_map(np.full((2, 2), flag, np.int8))
     outs.append(gpu.flash_attention_fwd(q, k, v, fwd_tables=ft, dkv_tables=dt, q_pos=pos,
                                         kv_pos=pos, kv_len=T, scale=0.25, mask_fn=causal,
-                                        block_q=BQ, block_kv=BK, interpret=True)[0])
-  ref = reference(np.asarray(q, np.float64), np.asarray(k, np.float64),
-                  np.asarray(v, np.float64), None, mask=np.tril(np.ones((T, T), bool)),
-                  scale=0.25, kv_len=T, q_pos=pos, kv_pos=pos)[0]
+                                        block_q=BQ, block_kv=BK, interpret=INTERPRET)[0])
+  with jax.enable_x64(True):  # float64, not TF32, on a GPU
+    ref = np.asarray(reference(*(jnp.asarray(x, jnp.float64) for x in (q, k, v)), None,
+                               mask=np.tril(np.ones((T, T), bool)), scale=0.25, kv_len=T,
+                               q_pos=pos, kv_pos=pos)[0])
   assert rel_err(outs[1], ref) < 1e-4
   assert rel_err(outs[0], ref) > 1e-2
 
@@ -362,17 +371,17 @@ def _kw(T=32, bq=16, bk=16, Tk=None, **over):
   nq, nk = T // bq if T % bq == 0 else 1, Tk // bk if Tk % bk == 0 else 1
   ft, dt = common.tables_from_block_map(np.full((nq, nk), common.FULL, np.int8))
   kw = dict(fwd_tables=ft, dkv_tables=dt, q_pos=pos_q, kv_pos=pos_k, kv_len=Tk, scale=0.25,
-            block_q=bq, block_kv=bk, interpret=True)
+            block_q=bq, block_kv=bk, interpret=INTERPRET)
   kw.update(over)
   return kw
 
 
 @pytest.mark.parametrize("shapes,kw,match", [
     (((1, 2, 32, 16), (1, 2, 32, 16)), _kw(bq=12), "block_q must be a power of two"),
-    (((1, 2, 32, 16), (1, 2, 32, 16)), _kw(bk=4), "block_kv must be a power of two >= 8"),
+    (((1, 2, 32, 16), (1, 2, 32, 16)), _kw(bk=4), "block_kv must be a power of two >= (8|16)"),
     (((1, 2, 32, 16), (1, 2, 32, 16)), _kw(bq=8, interpret=False), "power of two >= 16"),
     (((1, 2, 40, 16), (1, 2, 40, 16)), _kw(T=40), "must divide the sequence length 40"),
-    (((1, 2, 32, 24), (1, 2, 32, 24)), _kw(interpret=False), "multiple of 16 on GPU"),
+    (((1, 2, 32, 16), (1, 2, 32, 16)), _kw(layout="bshd"), "layout must be"),
     (((1, 3, 32, 16), (1, 2, 32, 16)), _kw(), "multiple of kv heads"),
     (((1, 2, 32, 16), (1, 2, 32, 16)), _kw(kv_len=33), "kv_len"),
     (((1, 2, 32, 16), (1, 2, 32, 16)),
@@ -388,7 +397,7 @@ def _kw(T=32, bq=16, bk=16, Tk=None, **over):
     (((1, 2, 32, 16), (1, 2, 32, 16)),
      _kw(score_fn=alibi, score_params=(np.ones(3),), score_param_specs=(ParamSpec(head_axis=0),)),
      "head"),
-], ids=["bq_not_pow2", "bk_too_small", "gpu_min_block", "not_dividing", "gpu_head_dim", "heads",
+], ids=["bq_not_pow2", "bk_too_small", "gpu_min_block", "not_dividing", "bad_layout", "heads",
         "kv_len", "fwd_table_shape", "dkv_table_heads", "q_pos_shape", "sinks_shape",
         "segment_ids_pair", "score_param_head_axis"])
 def test_bad_arguments_raise(shapes, kw, match):
@@ -398,3 +407,38 @@ def test_bad_arguments_raise(shapes, kw, match):
   k = jnp.asarray(rng.standard_normal(ks), jnp.float32)
   with pytest.raises(ValueError, match=match):
     gpu.flash_attention(q, k, k, **kw)
+
+
+def test_bthd_layout_matches_head_major():
+  """layout="bthd" reads [B, T, H, D] in place: forward, LSE and every gradient equal the
+  head-major call on transposed inputs (GQA, Dv != D, sinks, segment ids, a partial mask)."""
+  rng = np.random.default_rng(3)
+  B, Hq, Hkv, T, D, Dv = 2, 4, 2, 48, 16, 32
+  pos = np.arange(T, dtype=np.int32)[None]
+  mask = dense_mask(window(20, 0), pos, pos, Hq)
+  ft, dt = common.tables_from_block_map(block_map(mask)[:, :1])
+  seg = np.sort(rng.integers(0, 2, (B, T)), axis=-1).astype(np.int32)
+  kw = dict(fwd_tables=ft, dkv_tables=dt, q_pos=pos, kv_pos=pos, kv_len=T, scale=0.3,
+            mask_fn=window(20, 0), q_segment_ids=seg, kv_segment_ids=seg, block_q=BQ,
+            block_kv=BK, interpret=INTERPRET)
+  q = jnp.asarray(rng.standard_normal((B, T, Hq, D)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((B, T, Hkv, D)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((B, T, Hkv, Dv)), jnp.float32)
+  sk = jnp.asarray(rng.standard_normal(Hq), jnp.float32)
+  do = jnp.asarray(rng.standard_normal((B, T, Hq, Dv)), jnp.float32)
+  dlse = jnp.asarray(rng.standard_normal((B, Hq, T)), jnp.float32)
+  hm = lambda x: x.transpose(0, 2, 1, 3)
+
+  def run(layout, q, k, v, do):
+    f = lambda q, k, v, sk: gpu.flash_attention(q, k, v, sinks=sk, layout=layout, **kw)
+    outs, vjp = jax.vjp(f, q, k, v, sk)
+    return outs, vjp((do, dlse))
+
+  (o1, l1), g1 = jax.jit(functools.partial(run, "bthd"))(q, k, v, do)
+  (o2, l2), g2 = jax.jit(functools.partial(run, "bhtd"))(hm(q), hm(k), hm(v), hm(do))
+  assert o1.shape == (B, T, Hq, Dv) and l1.shape == (B, Hq, T)
+  np.testing.assert_allclose(o1, hm(o2), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-6)
+  for a, b in zip(g1[:3], g2[:3]):
+    np.testing.assert_allclose(a, hm(b), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g1[3], g2[3], rtol=1e-5, atol=1e-5)
