@@ -178,8 +178,8 @@ class PallasBackend(base.Backend):
     bm, bq, bk = self.plan(p)
     bqb, bkb = self.block_sizes(p.q_len, p.kv_len, backward=True)
     # Pad to a multiple of both tilings (powers of two, or lane multiples on TPU).
-    Tqp = _round_up(Tq, np.lcm(bq, bqb))
-    Tkp = _round_up(Tk, np.lcm(bk, bkb))
+    Tqp = int(_round_up(Tq, np.lcm(bq, bqb)))
+    Tkp = int(_round_up(Tk, np.lcm(bk, bkb)))
     bm = _pad_map(bm, Tqp // bq, Tkp // bk)
 
     # The GPU kernel reads [B, T, H, D] in place; the TPU kernel's tiles need the sequence on
