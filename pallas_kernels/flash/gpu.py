@@ -214,7 +214,8 @@ def _full_first(tables: BlockTables):
   valid = slot < counts[..., None]
   is_full = valid & (full != 0)
   key = xp.where(is_full, 0, xp.where(valid, 1, 2))
-  order = xp.argsort(key, axis=-1, stable=True)
+  order = (np.argsort(key, axis=-1, kind="stable") if xp is np
+           else jnp.argsort(key, axis=-1, stable=True))
   blocks = xp.take_along_axis(blocks, order, axis=-1)
   return blocks, counts, is_full.sum(-1).astype(np.int32)
 
