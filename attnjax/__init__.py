@@ -8,7 +8,7 @@ One exact-attention API over a mask algebra (:func:`attention`, :mod:`attnjax.ma
 from attnjax import masks, scores
 from attnjax.api import (attention, available_backends, build_problem, register_backend,
                          select_backend)
-from attnjax.backends.base import Backend, Capabilities
+from attnjax.backends.base import Backend, Capabilities, ProblemDeclined
 
 __version__ = "0.1.0"
 
@@ -23,4 +23,4 @@ def __getattr__(name):
   raise AttributeError(f"module 'attnjax' has no attribute {name!r}")
 
 __all__ = ["attention", "masks", "scores", "available_backends", "register_backend",
-           "select_backend", "build_problem", "Backend", "Capabilities", "layers", "parallel", "__version__"]
+           "select_backend", "build_problem", "Backend", "Capabilities", "ProblemDeclined", "layers", "parallel", "__version__"]

@@ -222,10 +222,12 @@ def select_backend(p: base.Problem, impl: Any = "auto") -> base.Backend:
     raise NotImplementedError("no backend supports this request: " + "; ".join(reasons))
   else:
     raise TypeError(f"impl must be a backend name or a Backend instance, got {impl!r}")
-  why = (base.unsupported(backend.capabilities, p, platform)
-         or backend.unsupported_problem(p, platform))
+  why = base.unsupported(backend.capabilities, p, platform)
   if why is not None:
     raise NotImplementedError(f"backend {backend.name!r} does not support {why}")
+  why = backend.unsupported_problem(p, platform)
+  if why is not None:
+    raise base.ProblemDeclined(f"backend {backend.name!r} does not support {why}")
   return backend
 
 

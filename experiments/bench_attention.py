@@ -624,7 +624,7 @@ class PassResult:
   status: str = "not run"               # ok | skipped (...) | error: ... | n/a ...
   ms: float | None = None               # median time of one call
   compile_s: float | None = None       # JAX: lower+compile; torch: not separable (first_s)
-  first_s: float | None = None         # the first (untimed) call; torch.compile happens here
+  first_s: float | None = None         # the first (untimed) execution; torch.compile runs here
   temp_mib: float | None = None
   rss_mib: float | None = None
   err: float | None = None
@@ -651,22 +651,26 @@ class Row:
   tflops: dict = dataclasses.field(default_factory=dict)   # {"fwd", "fwdbwd"}: TFLOP/s
 
 
-def _timed_calls(call, warmup, repeats, budget_s, res: PassResult, defer=None):
-  """Run call() (which blocks) max(1, warmup) times, then time `repeats` calls (fewer when they
-  would take the whole case past `budget_s` seconds). Returns the first call's output. With
-  `defer`, the timed calls are not made here: ``defer(call, n)`` hands them to the caller's
-  interleaved rounds."""
+def _timed_calls(call, warmup, repeats, budget_s, res: PassResult, defer=None, call_once=None):
+  """Warm up (the first call, then call() max(1, warmup) - 1 more times), then time `repeats`
+  calls of call() (which blocks; fewer when they would take the whole case past `budget_s`
+  seconds). A sample of call() is ``res.per_sample`` executions; ``call_once`` (one execution)
+  makes the first call, so ``res.first_s`` is one execution's time. Returns the first call's
+  output. With `defer`, the timed calls are not made here: ``defer(call, n)`` hands them to the
+  caller's interleaved rounds."""
   base = _rss_reset()
   t_start = time.perf_counter()
-  first = call()
+  first = (call_once or call)()
   t_first = time.perf_counter() - t_start
   res.first_s = t_first
+  # A sample's time, estimated from the first call (an upper bound: it may include autotuning).
+  t_sample = t_first * (res.per_sample if call_once is not None else 1)
   for _ in range(max(1, warmup) - 1):
     call()
   left = budget_s - (time.perf_counter() - t_start)
   n = repeats
-  if t_first * repeats > left:
-    n = max(1, min(repeats, int(left // max(t_first, 1e-9))))
+  if t_sample * repeats > left:
+    n = max(1, min(repeats, int(left // max(t_sample, 1e-9))))
     if n < repeats:
       res.note = f"{n} repeat(s) to stay within --max-seconds-per-case"
   if defer is not None:
@@ -733,7 +737,8 @@ def _jax_pass(fn, arrays, extra, ct, backward, args, res: PassResult, limit_byte
       out = compiled(*call_args)
     return jax.block_until_ready(out)
   budget = max(args.max_seconds_per_case - res.compile_s, 1e-3)
-  out = _timed_calls(call, args.warmup, args.repeats, budget, res, defer)
+  out = _timed_calls(call, args.warmup, args.repeats, budget, res, defer,
+                     call_once=lambda: jax.block_until_ready(compiled(*call_args)))
   if backward:
     return [np.asarray(x, np.float32) for x in out]
   return [np.asarray(out, np.float32)]

@@ -98,6 +98,18 @@ def test_paired_ratios_and_back_to_back_mode():
   assert "back to back per case" in res["markdown"]
 
 
+def test_timed_calls_per_sample_accounting():
+  """With N calls per sample, first_s is one execution (call_once), samples are divided by N,
+  and the warm-up and timed calls are whole samples."""
+  bench = _load_bench()
+  log = []
+  res = bench.PassResult(per_sample=4)
+  out = bench._timed_calls(lambda: log.append("sample") or "s", warmup=2, repeats=3,
+                           budget_s=60.0, res=res, call_once=lambda: log.append("one") or "o")
+  assert out == "o" and log == ["one"] + ["sample"] * 4   # 1 warm-up sample + 3 timed
+  assert res.repeats == 3 and res.first_s is not None and res.ms is not None
+
+
 def test_tokamax_peer():
   """tokamax reads absl flags from sys.argv; the script must shield it from its own options."""
   pytest.importorskip("tokamax")

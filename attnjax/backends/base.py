@@ -184,6 +184,12 @@ def unsupported(caps: Capabilities, p: Problem, platform: str | None = None) -> 
   return None
 
 
+class ProblemDeclined(NotImplementedError):
+  """Raised for an explicit ``impl=`` when the backend's :meth:`Backend.unsupported_problem`
+  refuses the request (as opposed to a missing capability flag): e.g. a score mod whose in-tile
+  code the kernel compiler cannot lower. A subclass of ``NotImplementedError``."""
+
+
 class Backend:
   """A backend: ``capabilities`` plus ``__call__(problem) -> out or (out, lse)``."""
   capabilities: Capabilities

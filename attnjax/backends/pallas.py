@@ -47,8 +47,11 @@ _DEFAULT_BLOCKS_BWD = {"tpu": (128, 128), "gpu": (64, 64)}
 # GPU forward: 128-wide key tiles when the grid is small and the visited tiles mostly FULL.
 # Measured on an H100 (bfloat16, D=64, T=8192; BENCHMARKS.md): B=1, H=8 causal (1024 programs,
 # ~97% FULL) ran 10% faster at 64 x 128; causal at B=4, H=16 (8192 programs) and the sliding
-# window (~60% FULL) at either size ran faster at 64 x 64.
+# window (~60% FULL) at either size ran faster at 64 x 64. Only measured for 128-byte rows
+# (D=64 at 16 bits), so wider rows (float32 D=64, D=128, ...) keep 64 x 64: their key and value
+# tiles double in shared memory per pipeline stage and the gain is unmeasured.
 _GPU_WIDE_KV, _GPU_WIDE_MAX_PROGRAMS, _GPU_WIDE_MIN_FULL = 128, 2048, 0.75
+_GPU_WIDE_MAX_ROW_BYTES = 128
 
 
 def _precision(dtype):
@@ -157,11 +160,15 @@ class PallasBackend(base.Backend):
   def plan(self, p: base.Problem):
     """``(block map, block_q, block_kv)`` of the forward. On a GPU with default tiles, the key
     tile is 128 wide instead of 64 when the grid has at most 2048 programs (too few to hide
-    latency with narrow tiles) and at least 75% of the visited 64 x 128 tiles are FULL (so
-    the wider tiles add little masked work); measured, see ``_GPU_WIDE_KV``."""
+    latency with narrow tiles), at least 75% of the visited 64 x 128 tiles are FULL (so the
+    wider tiles add little masked work) and a key/value row (head dim padded to a power of
+    two, times the item size) is at most 128 bytes; measured, see ``_GPU_WIDE_KV``."""
     bq, bk = self.block_sizes(p.q_len, p.kv_len)
-    if (self.platform == "gpu" and self.block_kv is None and self._on_hardware()
-        and bk < _GPU_WIDE_KV <= p.kv_len):
+    row_bytes = (_next_pow2(max(p.q.shape[-1], p.v.shape[-1], 16))
+                 * jnp.dtype(p.q.dtype).itemsize)
+    if (self.platform == "gpu" and self.block_kv is None and self.block_q is None
+        and self._on_hardware() and bk < _GPU_WIDE_KV <= p.kv_len
+        and row_bytes <= _GPU_WIDE_MAX_ROW_BYTES):
       wide = base.static_block_map(p, bq, _GPU_WIDE_KV)
       visited = int((wide != masks_lib.EMPTY).sum())
       programs = p.batch * p.num_q_heads * wide.shape[-2]
@@ -222,16 +229,25 @@ class PallasBackend(base.Backend):
       return kw, (mask_params, mod, flat_params, specs, treedef, n_mod)
 
     kw, (mask_params, mod, flat_params, specs, treedef, n_mod) = kernel_kw(bm, bq, bk)
+    n_mask, mask_params_bwd = len(mask_params), ()
     if (bqb, bkb) == (bq, bk):
-      kw_bwd = kw
+      kw_bwd, bwd_mask = kw, (n_mod, n_mod + n_mask)
     else:
       bm_b = _pad_map(base.static_block_map(p, bqb, bkb), Tqp // bqb, Tkp // bkb)
-      kw_bwd = kernel_kw(bm_b, bqb, bkb)[0]
+      kw_bwd, (mask_params_b, *_) = kernel_kw(bm_b, bqb, bkb)
+      # The mask's constants were traced at each tiling; a constant built from the tile shape
+      # differs between them, so the backward then gets its own (equal ones are shared).
+      if _same_consts(mask_params, mask_params_b):
+        bwd_mask = (n_mod, n_mod + n_mask)
+      else:
+        mask_params_bwd = mask_params_b
+        bwd_mask = (n_mod + n_mask, n_mod + n_mask + len(mask_params_b))
     static = _Static(kern=kern, kw=kw, kw_bwd=kw_bwd, mod=mod, treedef=treedef,
                      specs=specs[:n_mod], bm=bm, bq=bq, bk=bk, Tk=Tk, mask=mask, n_mod=n_mod,
-                     bthd=bthd)
-    out, lse = _make_core(static)(q, k, v, sinks, tuple(flat_params) + mask_params, qseg, kvseg,
-                                  q_pos, kv_pos)
+                     n_mask=n_mask, bwd_mask=bwd_mask, bthd=bthd)
+    out, lse = _make_core(static)(q, k, v, sinks,
+                                  tuple(flat_params) + mask_params + mask_params_bwd, qseg,
+                                  kvseg, q_pos, kv_pos)
     out = (out[:, :Tq] if bthd else out[:, :, :Tq].transpose(0, 2, 1, 3)).astype(p.q.dtype)
     if p.return_lse:
       return out, lse[:, :, :Tq].transpose(0, 2, 1)
@@ -326,7 +342,13 @@ def _triton_unsupported(p: base.Problem, bq: int, bk: int) -> str | None:
         jax.ShapeDtypeStruct((bq, 1), jnp.int32), jax.ShapeDtypeStruct((1, bk), jnp.int32),
         jnp.int32(0))))
   if score_fn is not None:
-    fns.append(("score_mod" if n_mod else "mask", lambda: jax.make_jaxpr(score_fn)(
+    # Forward and backward: the dq/dkv kernels pull ds back through jax.vjp of the score fn,
+    # whose transpose can hold primitives the forward does not (e.g. a select's cotangent).
+    def fwd_and_vjp(tiles, s, b, h, qp, kp):
+      out, pull = jax.vjp(lambda s: score_fn(tiles, s, b, h, qp, kp).astype(jnp.float32), s)
+      return out, pull(out)
+
+    fns.append(("score_mod" if n_mod else "mask", lambda: jax.make_jaxpr(fwd_and_vjp)(
         tuple(tiles), jax.ShapeDtypeStruct((bq, bk), jnp.float32), jnp.int32(0), jnp.int32(0),
         jax.ShapeDtypeStruct((bq, 1), jnp.int32), jax.ShapeDtypeStruct((1, bk), jnp.int32))))
   for what, trace in fns:
@@ -403,7 +425,25 @@ def _mask_for_kernel(mask: masks_lib.Mask, bq: int, bk: int):
   return None, params, in_score
 
 
+def _same_consts(a, b) -> bool:
+  """Whether two traces' mask constants are the same arrays (identical, or equal values)."""
+  if len(a) != len(b):
+    return False
+  for x, y in zip(a, b):
+    if x is y:
+      continue
+    if (jnp.shape(x) != jnp.shape(y) or jnp.result_type(x) != jnp.result_type(y)
+        or isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer)
+        or not np.array_equal(np.asarray(x), np.asarray(y))):
+      return False
+  return True
+
+
 def _kernel_kwargs(st: _Static, params, qseg, kvseg, q_pos, kv_pos, sinks, backward=False):
+  """The kernel's keyword arguments; ``params`` holds the score mod's arrays, then the mask's
+  constants as traced at the forward tiling, then (if they differ) at the backward's."""
+  lo, hi = st.bwd_mask if backward else (st.n_mod, st.n_mod + st.n_mask)
+  params = tuple(params[:st.n_mod]) + tuple(params[lo:hi])
   return dict(st.kw_bwd if backward else st.kw, score_params=params, q_segment_ids=qseg,
               kv_segment_ids=kvseg, q_pos=q_pos, kv_pos=kv_pos, sinks=sinks)
 

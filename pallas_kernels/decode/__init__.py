@@ -11,9 +11,10 @@ import jax
 
 from pallas_kernels.decode import common
 
-__all__ = ["decode_attention", "decode_partials", "combine", "prepare"]
+__all__ = ["decode_attention", "decode_partials", "combine", "prepare", "CachePaddingWarning"]
 
 prepare = common.prepare
+CachePaddingWarning = common.CachePaddingWarning
 combine = common.combine
 
 
@@ -49,7 +50,9 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, q_positions=No
     softcap: ``c`` such that logits become ``c * tanh(logit / c)`` (before masking).
     block_kv: keys per block. TPU: multiple of 128 (8 when interpreting); GPU: power of two
       >= 16. Must divide ``S``; left ``None``, a size dividing ``S`` is chosen, else the cache is
-      padded internally (a copy: size caches to a multiple of 128).
+      padded internally (a copy on every call, with a ``CachePaddingWarning``: size caches to a
+      multiple of 128). On a compiled GPU, head dims that are not powers of two >= 16 are
+      zero-padded the same way (a copy of the cache, warned); store such caches padded.
     num_splits: splits of the live blocks (1..S/block_kv); default from S/block_kv, B and Hkv.
     platform: ``"tpu"`` or ``"gpu"``; default the running backend, ``"gpu"`` on CPU.
     interpret: default True unless running on the platform's hardware; for TPU also a

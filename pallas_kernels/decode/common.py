@@ -41,6 +41,7 @@ Forward only: decoding needs no gradient, so no VJP is defined (differentiating 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -50,11 +51,17 @@ import numpy as np
 PLATFORMS = ("tpu", "gpu")
 
 
+class CachePaddingWarning(UserWarning):
+  """``decode_attention`` had to pad (copy) the KV cache on this call: its length is not a
+  multiple of the block size, or (compiled GPU) its head dims are not powers of two >= 16."""
+
+
 class Prepared(NamedTuple):
-  """Validated, packed inputs of one call. Arrays first, then static ints/floats."""
-  q: jax.Array            # [B, Hkv, Rp, D] packed queries
-  k: jax.Array            # [B, S, Hkv, D]  (S padded to a multiple of block_kv)
-  v: jax.Array            # [B, S, Hkv, Dv]
+  """Validated, packed inputs of one call. Arrays first, then static ints/floats. ``Dk``/``Dvk``
+  are the head dims the kernels see: ``d``/``dv`` zero-padded on a compiled GPU."""
+  q: jax.Array            # [B, Hkv, Rp, Dk] packed queries
+  k: jax.Array            # [B, S, Hkv, Dk]  (S padded to a multiple of block_kv)
+  v: jax.Array            # [B, S, Hkv, Dvk]
   kv_pos: jax.Array | None  # [B, S] int32, None = default (slot index)
   row_lo: jax.Array       # [B, Rp] int32 lowest visible key position per row
   row_hi: jax.Array       # [B, Rp] int32 highest visible key position per row
@@ -216,8 +223,15 @@ def prepare(q, k, v, lengths, *, scale, q_positions, kv_positions, window_left, 
   scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
   if not interpret and platform == "gpu":
     # Triton block shapes are powers of two and its dots want >= 16: zero-pad the head dims
-    # (zeros leave q.k unchanged; padded value columns are dropped by combine).
+    # (zeros leave q.k unchanged; padded value columns are dropped by combine). That copies
+    # the whole cache on every call, so say so: a cache stored padded avoids it.
     Dp, Dvp = (max(16, 1 << (n - 1).bit_length()) for n in (D, Dv))
+    if (Dp, Dvp) != (D, Dv):
+      warnings.warn(
+          f"decode_attention on a GPU: head dims D={D}, Dv={Dv} are padded to {Dp}, {Dvp} "
+          "(Triton needs powers of two >= 16), which copies the whole KV cache on every call; "
+          "store the cache with padded head dims (zero columns; pass scale=1/sqrt(D) "
+          "explicitly) to avoid the copy", CachePaddingWarning, stacklevel=3)
     q, k = (jnp.pad(x, ((0, 0),) * 3 + ((0, Dp - D),)) if Dp != D else x for x in (q, k))
     v = jnp.pad(v, ((0, 0),) * 3 + ((0, Dvp - Dv),)) if Dvp != Dv else v
 
@@ -247,6 +261,9 @@ def prepare(q, k, v, lengths, *, scale, q_positions, kv_positions, window_left, 
                        "None to pad the cache internally)")
   if S % block_kv:  # default block size that does not divide S: pad with empty slots (a copy)
     pad = block_kv - S % block_kv
+    warnings.warn(f"decode_attention: the cache length S={S} has no block size dividing it, so "
+                  f"the cache is padded to {S + pad} slots (a copy on every call); size caches "
+                  "to a multiple of 128", CachePaddingWarning, stacklevel=3)
     if kv_pos is None:
       kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
     kv_pos = jnp.pad(kv_pos, ((0, 0), (0, pad)), constant_values=-1)

@@ -220,9 +220,15 @@ def _full_first(tables: BlockTables):
   return blocks, counts, is_full.sum(-1).astype(np.int32)
 
 
-def _table_inputs(tables):
-  arrs = [jnp.asarray(a, jnp.int32) for a in _full_first(tables)]
-  return [(n, a, _full_spec(a.shape)) for n, a in zip(("blocks", "counts", "n_full"), arrs)]
+class _Ordered(NamedTuple):
+  """Tables as the kernels read them (int32): blocks FULL first, counts, n_full."""
+  blocks: Any
+  counts: Any
+  n_full: Any
+
+
+def _table_inputs(tables: _Ordered):
+  return [(n, a, _full_spec(a.shape)) for n, a in zip(_Ordered._fields, tables)]
 
 
 def _two_loops(n_full, n, body, carry):
@@ -472,8 +478,8 @@ def _bwd_call(c: _Static, q, k, v, lse, do, delta, aux):
 
 class _Aux(NamedTuple):
   """Non-differentiated array inputs."""
-  fwd_tables: BlockTables
-  dkv_tables: BlockTables
+  fwd_tables: _Ordered
+  dkv_tables: _Ordered
   q_pos: Any
   kv_pos: Any
   q_seg: Any
@@ -497,7 +503,9 @@ def _check_tables(name, t, batch, hq, n_rows, n_cols):
                        f"[{t.blocks.min()}, {t.blocks.max()}]")
     if t.counts.size and (t.counts.min() < 0 or t.counts.max() > bs[3]):
       raise ValueError(f"{name}.counts must lie in [0, K={bs[3]}]")
-  return BlockTables(*(jnp.asarray(a, jnp.int32) for a in t))
+  # Static (numpy) tables are reordered here on the host, so the reordering is a constant of
+  # the compiled program; run-time tables are reordered on the device.
+  return _Ordered(*(jnp.asarray(a, jnp.int32) for a in _full_first(t)))
 
 
 def _setup(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, scale, mask_fn=None,

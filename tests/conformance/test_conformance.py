@@ -234,3 +234,31 @@ def test_vmap_matches_loop(impl):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
   g = jax.grad(lambda q: jnp.sum(jax.vmap(f)(q, k, v) ** 2))(q)
   assert g.shape == q.shape and np.all(np.isfinite(np.asarray(g)))
+
+
+def test_harness_skips_only_declines():
+  """check_all counts a backend as declining only when its ``unsupported_problem`` refused the
+  case (ProblemDeclined); a missing capability the test did not filter with ``needs`` is a
+  failure, not a skip, and a backend that wrongly raises NotImplementedError is not hidden."""
+  from attnjax.backends.xla import XlaBackend
+  import dataclasses
+
+  class Declining(XlaBackend):
+    def unsupported_problem(self, problem, platform):
+      return "this case (declined on purpose)"
+
+  class NoSinks(XlaBackend):
+    capabilities = dataclasses.replace(XlaBackend.capabilities, name="nosinks2", sinks=False)
+
+  class Raising(XlaBackend):
+    def __call__(self, problem):
+      raise NotImplementedError("backend 'raising' does not support anything")
+
+  c = Case(Tq=8, Tk=8, sinks=True)
+  with pytest.raises(pytest.skip.Exception, match="declined on purpose"):
+    check_all(c, backends={"declining": Declining()})
+  with pytest.raises(NotImplementedError, match="sinks"):
+    check_all(c, backends={"nosinks": NoSinks()})
+  with pytest.raises(NotImplementedError, match="raising"):
+    check_all(c, backends={"raising": Raising()})
+  assert isinstance(aj.ProblemDeclined("x"), NotImplementedError)

@@ -159,10 +159,20 @@ def test_compiled_gpu_declines_what_triton_cannot_lower():
   q30 = q[:, :30]
   dense = aj.build_problem(q30, q30, q30, mask=M.dense(np.tril(np.ones((30, 30), bool))))
   assert "mask" in compiled.unsupported_problem(dense, "gpu")
-  with pytest.raises(NotImplementedError, match="gather"):
+  # A score mod whose forward lowers but whose derivative does not (a custom JVP using erf):
+  # the dq/dkv kernels pull back through it, so it is declined too.
+  @jax.custom_jvp
+  def squash(s):
+    return jnp.tanh(s)
+  squash.defjvp(lambda p, t: (jnp.tanh(p[0]), t[0] * (1 + jax.lax.erf(p[0]))))
+  custom = prob(score_mod=S.from_function(lambda s, b, h, qi, ki: squash(s)))
+  assert "erf" in compiled.unsupported_problem(custom, "gpu")
+  assert compiled.unsupported_problem(
+      prob(score_mod=S.from_function(lambda s, b, h, qi, ki: jnp.tanh(s))), "gpu") is None
+  with pytest.raises(aj.ProblemDeclined, match="gather"):
     aj.attention(q, q, q, impl=compiled, score_mod=S.relative_bias(jnp.ones((2, 8)), 20,
                                                                    mode="t5"))
-  for p in (rel, t5, low, dense):
+  for p in (rel, t5, low, dense, custom):
     assert interp.unsupported_problem(p, "cpu") is None
 
 
@@ -178,14 +188,28 @@ def test_backward_tiles_differ_from_forward():
             needs=("per_head_masks", "sinks", "segment_ids", "score_mods"))
 
 
+def test_backward_tiles_with_tile_shaped_mask_constants():
+  """A user mask whose constant is built from its inputs' shape (here a numpy array shaped like
+  the query-position tile) traces to different constants at the forward and backward tilings;
+  each kernel gets its own, and both tilings' results equal the float64 reference (a dense
+  mask, equal at both tilings, is shared)."""
+  shaped = M.from_function(lambda qi, ki: (qi >= ki) & (np.ones(np.shape(qi), bool)
+                                                         | (qi < 0)))
+  be = PallasBackend("gpu", block_q=16, block_kv=16, block_q_bwd=32, block_kv_bwd=32)
+  for mask in (shaped, M.dense(np.tril(np.ones((40, 40), bool)))):
+    case = Case(B=1, Tq=40, Tk=40, Hq=2, Hkv=1, D=8, Dv=8, mask=mask, seed=5)
+    check_all(case, backends={"pallas_gpu-16/32": be})
+
+
 def test_gpu_forward_widens_key_tiles_for_small_mostly_full_grids():
   """The GPU forward's tile rule (plan): 64 x 128 for a small grid of mostly FULL tiles
-  (causal, B=1, H=8), 64 x 64 for a large grid or a partial-heavy mask; the backward keeps
-  64 x 64; an explicit block_kv is never overridden; interpret mode is left alone."""
-  def plan(B, H, mask, **kw):
+  (causal, B=1, H=8) with 128-byte rows, 64 x 64 for a large grid, a partial-heavy mask or
+  wider rows; the backward keeps 64 x 64; explicit tiles are never overridden; interpret mode
+  is left alone."""
+  def plan(B, H, mask, D=64, dtype=jnp.bfloat16, **kw):
     be = PallasBackend("gpu", **kw)
     be._on_hardware = lambda: True
-    q = jax.ShapeDtypeStruct((B, 8192, H, 64), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((B, 8192, H, D), dtype)
     p = aj.build_problem(jnp.zeros(q.shape, q.dtype), jnp.zeros(q.shape, q.dtype),
                          jnp.zeros(q.shape, q.dtype), mask=mask)
     return be.plan(p)[1:], be.block_sizes(8192, 8192, backward=True)
@@ -194,6 +218,10 @@ def test_gpu_forward_widens_key_tiles_for_small_mostly_full_grids():
   assert plan(4, 16, causal) == ((64, 64), (64, 64))
   assert plan(1, 8, sliding) == ((64, 64), (64, 64))
   assert plan(1, 8, causal, block_kv=64) == ((64, 64), (64, 64))
+  assert plan(1, 8, causal, block_q=64) == ((64, 64), (64, 64))   # a chosen tile is kept
+  assert plan(1, 8, causal, D=48) == ((64, 128), (64, 64))         # pads to 64: 128 bytes
+  assert plan(1, 8, causal, D=128) == ((64, 64), (64, 64))         # 256-byte rows: unmeasured
+  assert plan(1, 8, causal, dtype=jnp.float32) == ((64, 64), (64, 64))
   be = PallasBackend("gpu")   # on this CPU: interpreted, no widening
   q = jnp.zeros((1, 256, 2, 16))
   assert be.plan(aj.build_problem(q, q, q, mask=causal))[1:] == (64, 64)

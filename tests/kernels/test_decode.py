@@ -260,15 +260,29 @@ def test_lowers_for_hardware(platform, lowering_platform):
 
 def test_gpu_pads_head_dims():
   """On a GPU (interpret=False) head dims that Triton cannot take (not a power of two >= 16) are
-  zero-padded by ``prepare``; the softmax scale still uses the true D."""
+  zero-padded by ``prepare`` (with a warning: that copies the cache each call); the softmax
+  scale still uses the true D, and the padded problem's output equals the reference."""
   from pallas_kernels.decode import common as dcommon
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
              for s in ((2, 1, 4, 24), (2, 64, 2, 24), (2, 64, 2, 8)))
-  prep = dcommon.prepare(q, k, v, jnp.full((2,), 64, jnp.int32), scale=None, q_positions=None,
-                         kv_positions=None, window_left=None, softcap=None, block_kv=None,
-                         num_splits=None, platform="gpu", interpret=False)
+  with pytest.warns(common.CachePaddingWarning, match="copies the whole KV cache"):
+    prep = dcommon.prepare(q, k, v, jnp.full((2,), 64, jnp.int32), scale=None,
+                           q_positions=None, kv_positions=None, window_left=None, softcap=None,
+                           block_kv=None, num_splits=None, platform="gpu", interpret=False)
   assert prep.q.shape[-1] == 32 and prep.k.shape[-1] == 32 and prep.v.shape[-1] == 16
   assert (prep.d, prep.dv) == (24, 8) and prep.scale == pytest.approx(24 ** -0.5)
   np.testing.assert_array_equal(prep.k[..., 24:], 0)
   np.testing.assert_array_equal(prep.v[..., 8:], 0)
+  # The padded problem gives the unpadded answer (kernel run interpreted on the padded prep).
+  lengths = np.array([64, 37], np.int32)
+  with pytest.warns(common.CachePaddingWarning, match="head dims"):
+    prep = dcommon.prepare(q, k, v, jnp.asarray(lengths), scale=None, q_positions=None,
+                           kv_positions=None, window_left=None, softcap=None, block_kv=16,
+                           num_splits=2, platform="gpu", interpret=False)
+  acc, m, l = decode_partials(prep, platform="gpu", interpret=True)
+  out, lse = dcommon.combine(prep, acc, m, l, return_lse=True)
+  ref, ref_lse = reference(q, k, v, lengths)
+  assert out.shape == ref.shape == (2, 1, 4, 8)
+  _check(out, ref, jnp.float32)
+  _check_lse(lse, ref_lse)

@@ -314,6 +314,32 @@ def test_runtime_tables_under_jit():
     assert rel_err(g, w) < 1e-4, name
 
 
+def test_static_tables_reordered_on_host():
+  """Static (numpy) block tables are put FULL first on the host, so the compiled program holds
+  the reordered tables as constants (no sort on the device); run-time tables sort on device."""
+  T = 64
+  bm = block_map(np.tril(np.ones((T, T), bool)))
+  q = jnp.zeros((1, 2, T, 16), jnp.float32)
+  pos = np.arange(T, dtype=np.int32)[None]
+
+  def prims(ft, dt):
+    f = lambda q: gpu.flash_attention(q, q, q, fwd_tables=ft, dkv_tables=dt, q_pos=pos,
+                                      kv_pos=pos, kv_len=T, scale=0.25, mask_fn=causal,
+                                      block_q=BQ, block_kv=BK)
+    return str(jax.make_jaxpr(jax.grad(lambda q: f(q)[0].sum()))(q))
+
+  ft, dt = common.tables_from_block_map(bm)
+  assert "sort" not in prims(ft, dt)
+  jt = tuple(common.BlockTables(*(jnp.asarray(a) for a in t)) for t in (ft, dt))
+  assert "sort" in prims(*jt)
+  ordered = gpu._full_first(ft)
+  for r in range(ft.counts.shape[2]):   # each row: its FULL blocks, then its PARTIAL ones
+    n, nf = ft.counts[0, 0, r], ordered[2][0, 0, r]
+    full = ft.blocks[0, 0, r, :n][ft.full[0, 0, r, :n] != 0]
+    part = ft.blocks[0, 0, r, :n][ft.full[0, 0, r, :n] == 0]
+    assert list(ordered[0][0, 0, r, :n]) == list(full) + list(part) and nf == len(full)
+
+
 def three_patterns(qp, kp, h):  # head 0 causal, head 1 sliding window, head 2 2-D neighbourhood
   return jnp.where(h == 0, causal(qp, kp, h),
                    jnp.where(h == 1, window(16, 0)(qp, kp, h), neighborhood_8x8(qp, kp, h)))
