@@ -236,8 +236,12 @@ class PallasBackend(base.Backend):
       bm_b = _pad_map(base.static_block_map(p, bqb, bkb), Tqp // bqb, Tkp // bkb)
       kw_bwd, (mask_params_b, *_) = kernel_kw(bm_b, bqb, bkb)
       # The mask's constants were traced at each tiling; a constant built from the tile shape
-      # differs between them, so the backward then gets its own (equal ones are shared).
-      if _same_consts(mask_params, mask_params_b):
+      # differs between them, so the backward then gets its own (equal ones are shared). The
+      # comparison uses the constants as the mask holds them: the kernel copies (int32 for
+      # bool, jnp arrays) are fresh tracers under jit.
+      same = isinstance(mask, masks_lib.Full) or _same_consts(
+          _traced_mask(mask, bq, bk)[1].consts, _traced_mask(mask, bqb, bkb)[1].consts)
+      if same and len(mask_params) == len(mask_params_b):
         bwd_mask = (n_mod, n_mod + n_mask)
       else:
         mask_params_bwd = mask_params_b
@@ -344,13 +348,23 @@ def _triton_unsupported(p: base.Problem, bq: int, bk: int) -> str | None:
   if score_fn is not None:
     # Forward and backward: the dq/dkv kernels pull ds back through jax.vjp of the score fn,
     # whose derivative can hold primitives the forward does not (e.g. a custom JVP rule's).
+    # A score fn with no reverse-mode derivative at all (a while loop with traced bounds)
+    # fails the backward on every backend alike; its forward is still checked and served.
+    args = (tuple(tiles), jax.ShapeDtypeStruct((bq, bk), jnp.float32), jnp.int32(0),
+            jnp.int32(0), jax.ShapeDtypeStruct((bq, 1), jnp.int32),
+            jax.ShapeDtypeStruct((1, bk), jnp.int32))
+
     def fwd_and_vjp(tiles, s, b, h, qp, kp):
       out, pull = jax.vjp(lambda s: score_fn(tiles, s, b, h, qp, kp).astype(jnp.float32), s)
       return out, pull(out)
 
-    fns.append(("score_mod" if n_mod else "mask", lambda: jax.make_jaxpr(fwd_and_vjp)(
-        tuple(tiles), jax.ShapeDtypeStruct((bq, bk), jnp.float32), jnp.int32(0), jnp.int32(0),
-        jax.ShapeDtypeStruct((bq, 1), jnp.int32), jax.ShapeDtypeStruct((1, bk), jnp.int32))))
+    def trace_score():
+      try:
+        return jax.make_jaxpr(fwd_and_vjp)(*args)
+      except Exception:  # noqa: BLE001 - not differentiable: only the forward can run
+        return jax.make_jaxpr(score_fn)(*args)
+
+    fns.append(("score_mod" if n_mod else "mask", trace_score))
   for what, trace in fns:
     bad = _triton_bad_primitives(_primitives(trace().jaxpr))
     if bad:
@@ -393,6 +407,18 @@ def _segment_block_map(bm4, qseg, kvseg, bq, bk):
   return jnp.where(overlap[:, None], jnp.asarray(bm4), masks_lib.EMPTY).astype(jnp.int8)
 
 
+def _traced_mask(mask: masks_lib.Mask, bq: int, bk: int):
+  """``(mask_mod(q, k, h), its closed jaxpr at a bq x bk tile)``; the jaxpr's ``consts`` are the
+  arrays the mask holds, as the mask holds them (compare these, not converted copies)."""
+  per_head = mask.per_head
+
+  def raw(qp, kp, h):
+    return mask.mask_mod(qp, kp, h if per_head else None)
+
+  return raw, jax.make_jaxpr(raw)(jnp.zeros((bq, 1), jnp.int32),
+                                  jnp.zeros((1, bk), jnp.int32), jnp.int32(0))
+
+
 def _mask_for_kernel(mask: masks_lib.Mask, bq: int, bk: int):
   """``(mask_fn, mask_params, mask_in_score)`` for the kernels.
 
@@ -403,13 +429,7 @@ def _mask_for_kernel(mask: masks_lib.Mask, bq: int, bk: int):
   tile — EMPTY tiles are still skipped from the block map."""
   if isinstance(mask, masks_lib.Full):
     return None, (), None
-  per_head = mask.per_head
-
-  def raw(qp, kp, h):
-    return mask.mask_mod(qp, kp, h if per_head else None)
-
-  closed = jax.make_jaxpr(raw)(jnp.zeros((bq, 1), jnp.int32), jnp.zeros((1, bk), jnp.int32),
-                               jnp.int32(0))
+  raw, closed = _traced_mask(mask, bq, bk)
   if not closed.consts:
     return raw, (), None
   jaxpr = closed.jaxpr

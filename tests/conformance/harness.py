@@ -230,12 +230,17 @@ def check_case(impl, case: Case, dtype: str = "float32"):
 
 
 def check_all(case: Case, dtype: str = "float32", backends=None, needs=()):
-  """Check every backend under test (that declares the features in ``needs``) on ``case``;
-  report all failures together, each naming its backend."""
+  """Check every backend under test (that declares the features in ``needs`` and runs on this
+  platform) on ``case``; report all failures together, each naming its backend. A backend whose
+  ``unsupported_problem`` declines the case (ProblemDeclined) is skipped, any other refusal
+  fails."""
   failures, declined = [], []
   ran = 0
+  platform = jax.default_backend()
   for name, impl in (backends or BACKENDS).items():
     if not all(getattr(impl.capabilities, f) for f in needs):
+      continue
+    if platform not in impl.capabilities.platforms:   # e.g. pallas_tpu on a GPU host
       continue
     try:
       check_case(impl, case, dtype)

@@ -254,7 +254,13 @@ def test_harness_skips_only_declines():
     def __call__(self, problem):
       raise NotImplementedError("backend 'raising' does not support anything")
 
+  class OtherPlatform(XlaBackend):
+    capabilities = dataclasses.replace(XlaBackend.capabilities, name="tpuonly",
+                                       platforms=frozenset({"tpu"}))
+
   c = Case(Tq=8, Tk=8, sinks=True)
+  if jax.default_backend() != "tpu":   # a backend for another platform is left out, not failed
+    check_all(c, backends={"xla": XlaBackend(), "tpuonly": OtherPlatform()})
   with pytest.raises(pytest.skip.Exception, match="declined on purpose"):
     check_all(c, backends={"declining": Declining()})
   with pytest.raises(NotImplementedError, match="sinks"):

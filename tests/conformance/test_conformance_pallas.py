@@ -169,6 +169,11 @@ def test_compiled_gpu_declines_what_triton_cannot_lower():
   assert "erf" in compiled.unsupported_problem(custom, "gpu")
   assert compiled.unsupported_problem(
       prob(score_mod=S.from_function(lambda s, b, h, qi, ki: jnp.tanh(s))), "gpu") is None
+  # No reverse-mode derivative at all (a loop with a traced trip count): the backward fails on
+  # every backend alike, so only the forward is judged, and it lowers.
+  halve = S.from_function(lambda s, b, h, qi, ki: jax.lax.fori_loop(
+      0, jnp.max(h), lambda _, x: x * 0.5, s))
+  assert compiled.unsupported_problem(prob(score_mod=halve), "gpu") is None
   with pytest.raises(aj.ProblemDeclined, match="gather"):
     aj.attention(q, q, q, impl=compiled, score_mod=S.relative_bias(jnp.ones((2, 8)), 20,
                                                                    mode="t5"))
@@ -188,17 +193,22 @@ def test_backward_tiles_differ_from_forward():
             needs=("per_head_masks", "sinks", "segment_ids", "score_mods"))
 
 
-def test_backward_tiles_with_tile_shaped_mask_constants():
+def test_backward_tiles_with_tile_shaped_mask_constants(monkeypatch):
   """A user mask whose constant is built from its inputs' shape (here a numpy array shaped like
   the query-position tile) traces to different constants at the forward and backward tilings;
   each kernel gets its own, and both tilings' results equal the float64 reference (a dense
   mask, equal at both tilings, is shared)."""
+  from attnjax.backends import pallas as pallas_mod
   shaped = M.from_function(lambda qi, ki: (qi >= ki) & (np.ones(np.shape(qi), bool)
                                                          | (qi < 0)))
   be = PallasBackend("gpu", block_q=16, block_kv=16, block_q_bwd=32, block_kv_bwd=32)
-  for mask in (shaped, M.dense(np.tril(np.ones((40, 40), bool)))):
+  seen, same = [], pallas_mod._same_consts
+  monkeypatch.setattr(pallas_mod, "_same_consts", lambda a, b: seen.append(same(a, b)) or seen[-1])
+  for mask, shared in ((shaped, False), (M.dense(np.tril(np.ones((40, 40), bool))), True)):
+    seen.clear()
     case = Case(B=1, Tq=40, Tk=40, Hq=2, Hkv=1, D=8, Dv=8, mask=mask, seed=5)
-    check_all(case, backends={"pallas_gpu-16/32": be})
+    check_all(case, backends={"pallas_gpu-16/32": be})   # under jit(grad)
+    assert seen and all(x == shared for x in seen), (mask, seen)
 
 
 def test_gpu_forward_widens_key_tiles_for_small_mostly_full_grids():
