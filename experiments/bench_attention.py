@@ -280,8 +280,8 @@ def machine_lines(args) -> list[str]:
       f"({args.threads}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(unset)'}",
       f"- problem: B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}; "
       f"sliding window = masks.sliding_window({args.window}, 0); neighborhood kernel "
-      f"{args.nb_kernel} on a {args.nb_grid} 2-D grid; chunked default tiles "
-      f"(block_q, block_kv) = {_chunked_tiles(args)} at T={max(args.lengths)}",
+      f"{args.nb_kernel} on a {args.nb_grid} 2-D grid; chunked at T={max(args.lengths)}: "
+      f"{_chunked_plans(args)}",
       f"- timing: median of {args.repeats} calls after max(1, {args.warmup}) warm-up call(s)"
       + (" (interleaved: one call of every case of a length per round; ratios also paired "
          "per round)" if args.interleave else " (back to back per case)") + "; "
@@ -386,9 +386,19 @@ class Runner:
   skip_errors_for: tuple = ()           # mask kinds whose errors read "skipped (unsupported)"
 
 
-def _chunked_tiles(args):
+def _chunked_plans(args) -> str:
+  """How ``chunked`` computes each mask at the longest length (tiles or a band)."""
   T = max(args.lengths)
-  return ChunkedBackend(args.block_q, args.block_kv).block_sizes(T, T, args.batch * args.heads)
+  backend = ChunkedBackend(args.block_q, args.block_kv)
+  plans = []
+  for kind in args.masks:
+    case = make_mask_case(kind, T, args)
+    if isinstance(case, tuple):
+      continue
+    x = jax.ShapeDtypeStruct((args.batch, case.T, args.heads, args.head_dim), args.dtype)
+    p = attnjax.build_problem(x, x, x, mask=case.mask)
+    plans.append(f"{case.label}: {backend.describe(p)}")
+  return "; ".join(plans)
 
 
 def attnjax_runner(spec: str, args) -> Runner:

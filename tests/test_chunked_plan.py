@@ -11,6 +11,7 @@ import pytest
 
 import attnjax as aj
 from attnjax import masks as M
+from attnjax.backends import chunked as chunked_lib
 from attnjax.backends.chunked import ChunkedBackend
 
 
@@ -115,3 +116,121 @@ def test_memory_is_linear_in_length():
     pytest.skip("memory_analysis unavailable on this platform")
   tt_bytes = T * T * 4
   assert mem.temp_size_in_bytes < tt_bytes / 16, (mem.temp_size_in_bytes, tt_bytes)
+
+
+# --------------------------------------------------------------------------------- band
+BAND_CASES = [
+    ("sliding_causal", M.causal() & M.sliding_window(23, 0), 100, 16, 8),
+    ("sliding", M.sliding_window(9, 14), 96, 32, 16),
+    ("chunked", M.chunked(20), 90, 16, 8),
+    ("causal_offset", M.causal(offset=-40), 96, 16, 8),        # rows 0..39 see nothing
+    ("neighborhood_2d", M.neighborhood((10, 10), 3), 100, 16, 8),
+    ("per_head", M.per_head([M.sliding_window(4, 0), M.sliding_window(12, 3)]), 80, 16, 8),
+]
+
+
+def _band_expected(mask, T, H, bqb, step):
+  """Per head group: the band's first key of every query block that sees anything (its first
+  visible ``step`` block, moved left where the band would pass the padded keys), computed
+  from the dense mask; and the band width (the widest span of visible blocks)."""
+  Tqp, Tkp = -(-T // bqb) * bqb, -(-T // step) * step
+  heads = range(H) if mask.per_head else [None]
+  qi, kj = np.meshgrid(np.arange(T), np.arange(T), indexing="ij")
+  groups = {}
+  for h in heads:
+    dense = np.asarray(mask.mask_mod(jnp.asarray(qi), jnp.asarray(kj),
+                                     None if h is None else jnp.int32(h)))
+    vis = np.zeros((Tqp, Tkp), bool)
+    vis[:T, :T] = dense
+    blocks = vis.reshape(Tqp // bqb, bqb, Tkp // step, step).any(axis=(1, 3))
+    groups.setdefault(blocks.tobytes(), blocks)
+  expected, widths = [], []
+  for blocks in groups.values():
+    spans = [(np.flatnonzero(r)[0], np.flatnonzero(r)[-1] + 1) for r in blocks if r.any()]
+    width = max(hi - lo for lo, hi in spans) * step
+    widths.append(width)
+    for i, r in enumerate(blocks):
+      if r.any():
+        expected.append((i, int(min(np.flatnonzero(r)[0] * step, Tkp - width))))
+  return sorted(expected), widths
+
+
+@pytest.mark.parametrize("name,mask,T,bqb,step", BAND_CASES, ids=[c[0] for c in BAND_CASES])
+def test_band_visits_one_tile_per_query_block(name, mask, T, bqb, step):
+  """The band computes one key tile per query block that sees anything, starting at its first
+  visible key block, forward and backward; results match the tiled computation."""
+  q, k, v = _qkv(T)
+  seen = {"fwd_band": [], "bwd_band": []}
+  widths = []
+  be = ChunkedBackend(band=True, band_block_q=bqb, band_step=step,
+                      on_visit=lambda kind, i, j: seen[kind].append((i, j)))
+  p = aj.build_problem(q, k, v, mask=mask)
+  fbm, got_bq, got_step = be.band_plan(p)
+  assert (got_bq, got_step) == (bqb, step)
+  for _, g in chunked_lib._group_heads(fbm):
+    widths.append(chunked_lib._band_span(g, step)[1])
+
+  def loss(backend):
+    return lambda q, k, v: jnp.sum(jnp.sin(aj.attention(q, k, v, mask=mask, impl=backend)))
+
+  g_band = jax.block_until_ready(jax.jit(jax.grad(loss(be), argnums=(0, 1, 2)))(q, k, v))
+  expected, want_widths = _band_expected(mask, T, q.shape[2], bqb, step)
+  assert sorted(seen["fwd_band"]) == expected
+  assert sorted(seen["bwd_band"]) == expected
+  assert sorted(widths) == sorted(want_widths)
+  g_tiled = jax.jit(jax.grad(loss(ChunkedBackend(block_q=16, block_kv=16, band=False)),
+                             argnums=(0, 1, 2)))(q, k, v)
+  for a, b in zip(g_band, g_tiled):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_band_segment_ids_skip_at_run_time():
+  """Packed documents with a band: a query block whose band holds no key of its documents
+  costs a branch, not a tile (the skip compares segment-id ranges, per band)."""
+  T = 64
+  q, k, v = _qkv(T)
+  seg = jnp.asarray(np.repeat(np.arange(4), T // 4)[None], jnp.int32)
+  seen = {"fwd_band": [], "bwd_band": []}
+  be = ChunkedBackend(band=True, band_block_q=16, band_step=16,
+                      on_visit=lambda kind, i, j: seen[kind].append((i, j)))
+  # A full mask: the band is the whole key range for every block, and the segment-id ranges
+  # of a block ([i, i]) and of all keys ([0, 3]) overlap: no skip, 4 bands.
+  jax.block_until_ready(aj.attention(q, k, v, segment_ids=seg, impl=be))
+  assert sorted(seen["fwd_band"]) == [(i, 0) for i in range(4)]
+  # Query block 0 against a band of keys 48..63 (document 3 only): skipped at run time.
+  seen["fwd_band"].clear()
+  mask = M.from_function(lambda qi, kj: kj >= 48)
+  out = aj.attention(q, k, v, mask=mask, segment_ids=seg, impl=be)
+  assert sorted(seen["fwd_band"]) == [(3, 48)]
+  ref = aj.attention(q, k, v, mask=mask, segment_ids=seg, impl="xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_automatic_band_choice():
+  """Automatic mode uses the band where it computes at most 0.75 of the tiles' scores:
+  narrow windows and local neighborhoods, not causal, dense or tile-aligned chunked masks,
+  and never when the user fixes ``block_kv``."""
+  be = ChunkedBackend()
+
+  def plan(mask, T, backend=be):
+    q = jnp.zeros((1, T, 8, 64), jnp.float32)
+    return backend.band_plan(aj.build_problem(q, q, q, mask=mask))
+
+  window = M.causal() & M.sliding_window(511, 0)
+  fbm, bqb, step = plan(window, 8192)
+  assert (bqb, step) == (128, 64) and fbm.shape == (1, 64, 128)
+  x = jax.ShapeDtypeStruct((1, 8192, 8, 64), jnp.float32)
+  assert be.describe(aj.build_problem(x, x, x, mask=window)) == "band: 128 query rows x 640 keys"
+  assert be.describe(aj.build_problem(x, x, x, mask=M.causal())) == "tiles 512x512"
+  assert plan(M.neighborhood((64, 64), 13), 4096) is not None
+  for mask in (M.causal(), M.full(), M.chunked(1024)):
+    assert plan(mask, 8192) is None, mask
+  assert plan(window, 8192, ChunkedBackend(block_kv=512)) is None
+  assert plan(window, 8192, ChunkedBackend(band=False)) is None
+  assert plan(M.causal(), 1024, ChunkedBackend(band=True)) is not None
+  with pytest.raises(ValueError, match="band_step"):
+    ChunkedBackend(band_step=0)
+  with pytest.raises(ValueError, match="band_block_q"):
+    ChunkedBackend(band_block_q=-2)
+  with pytest.raises(TypeError, match="band must be"):
+    ChunkedBackend(band="yes")

@@ -11,6 +11,12 @@ the whole batch costs a branch, not a tile. By default the forward keeps each ro
 fixed after the query block's first tile (no per-tile max reduction or rescaling; exact, with a
 detected fallback to the running maximum: see ``_forward``'s ``fixed_max``).
 
+Narrow masks (sliding windows, local neighborhoods) can instead run as a *band*: each query
+block computes one key tile that spans its visible keys, starting at its first visible key
+(tiles may start anywhere, not only at block boundaries), in one masked matmul pair. Fewer
+scores are computed than with aligned tiles (a 128-row block under a window of 512 computes
+640 keys per row, against 1024 for 512 x 512 tiles) and the softmax needs no online update.
+
 The backward pass is a custom VJP with the same loop structure that recomputes each visited tile
 from the saved LSE (no ``[Tq, Tk]`` residual): dQ accumulates locally per query block, dK, dV,
 sink and score-mod parameter gradients into their blocks. Per-head masks are served by grouping
@@ -42,6 +48,15 @@ _FIXED_MAX_MIN_DENOM = float(np.exp(-50.0))
 _FIXED_MAX_DTYPES = frozenset({"float32", "bfloat16", "float64"})   # 8+ exponent bits
 
 
+# Automatic band (see ChunkedBackend): query blocks of 128 rows, chosen when the band computes at
+# most 0.75 of the tiles' score elements and one band tile holds at most 4 tile budgets. At
+# T=8192 (sliding window 511, 2-core CPU) 128-row bands beat 64, 256 and 512 rows forward and
+# backward; the forward+backward took 0.58 of the 512 x 512 tiles' time (BENCHMARKS.md).
+_BAND_BLOCK_Q = 128
+_BAND_MAX_WORK = 0.75
+_BAND_MAX_TILE = 4
+
+
 def _round_up(x, m):
   return -(-x // m) * m
 
@@ -61,8 +76,8 @@ class _Config:
   mask: masks_lib.Mask
   heads: np.ndarray | None      # global query-head ids [Hk*G] for a subset group, else None
   head_ids: np.ndarray          # [Hk*G] global ids of the tile's heads (score-mod order)
-  full_pairs: np.ndarray        # [n, 2] int32
-  partial_pairs: np.ndarray     # [n, 2] int32
+  tables: tuple                 # per-row visit tables: ((counts [nq], starts [nq, n], masked),)
+  band: bool                    # one key band of width bk per query block (see _band_tables)
   mod: Any                      # bound ScoreMod or None
   has_seg: bool
   has_sinks: bool
@@ -78,22 +93,22 @@ def _tile_logits(cfg: _Config, qt, kt):
   return s.reshape(cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk)
 
 
-def _tile_index(cfg: _Config, i, j, qpos, kvpos):
+def _tile_index(cfg: _Config, i, k0, qpos, kvpos):
   qi = _at(qpos, i)[:, None, :, None]      # [Bp, 1, bq, 1]
-  kj = _at(kvpos, j)[:, None, None, :]     # [Bp, 1, 1, bk]
+  kj = _kv_cols(kvpos, k0, cfg)[:, None, None, :]     # [Bp, 1, 1, bk]
   b = jnp.arange(cfg.B, dtype=jnp.int32)[:, None, None, None]
   h = jnp.asarray(cfg.head_ids, jnp.int32)[None, :, None, None]
   return b, h, qi, kj
 
 
-def _tile_visibility(cfg: _Config, i, j, qi, kj, h, qseg, kvseg, masked: bool):
+def _tile_visibility(cfg: _Config, i, k0, qi, kj, h, qseg, kvseg, masked: bool):
   vis = None
   if masked:
     vis = cfg.mask.mask_mod(qi, kj, h if cfg.mask.per_head else None)
-    kv_valid = (j * cfg.bk + jnp.arange(cfg.bk)) < cfg.kv_len
+    kv_valid = (k0 + jnp.arange(cfg.bk)) < cfg.kv_len
     vis = vis & kv_valid[None, None, None, :]
   if cfg.has_seg:
-    same = _at(qseg, i)[:, None, :, None] == _at(kvseg, j)[:, None, None, :]
+    same = _at(qseg, i)[:, None, :, None] == _kv_cols(kvseg, k0, cfg)[:, None, None, :]
     vis = same if vis is None else vis & same
   if vis is None:
     return None
@@ -105,50 +120,56 @@ def _at(x, i):
   return jax.lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False)
 
 
-def _seg_skip_table(cfg: _Config, qseg, kvseg):
-  """[nq, nk] bool: True where no batch element has overlapping segment-id ranges."""
-  qmin, qmax = qseg.min(axis=-1).T, qseg.max(axis=-1).T      # [B, nq]
-  kmin, kmax = kvseg.min(axis=-1).T, kvseg.max(axis=-1).T    # [B, nk]
-  disjoint = (qmax[:, :, None] < kmin[:, None, :]) | (kmax[:, None, :] < qmin[:, :, None])
-  return jnp.all(disjoint, axis=0)
+def _kv_cols(x, k0, cfg: _Config):
+  """Key-side per-position data [B, Tkp] (positions, segment ids) of the tile at key ``k0``."""
+  return jax.lax.dynamic_slice_in_dim(x, k0, cfg.bk, axis=1)
+
+
+def _seg_disjoint(cfg: _Config, i, k0, qseg, kvseg):
+  """True when no batch element's query segment-id range (block ``i``) overlaps the key range
+  of the tile at ``k0``: the tile sees nothing and is skipped at run time."""
+  qs, ks = _at(qseg, i), _kv_cols(kvseg, k0, cfg)          # [B, bq], [B, bk]
+  qmin, qmax = qs.min(axis=-1), qs.max(axis=-1)
+  kmin, kmax = ks.min(axis=-1), ks.max(axis=-1)
+  return jnp.all((qmax < kmin) | (kmax < qmin))
 
 
 # Query-side blocks are [nq, B, Hk, G*bq, X]: within a block, rows run over (g, q) so that one
 # plain batched matmul per tile serves all query heads of a key/value head (GQA without repeat),
 # and [Hk, G*bq] reshapes for free to the score-mod layout [Hk*G, bq].
 def _blocks_q(x, cfg: _Config):
-  """[B, Hk, G, Tqp, X] -> [nq, B, Hk, G*bq, X]."""
-  B, Hk, G, _, X = x.shape
-  x = x.reshape(B, Hk, G, cfg.nq, cfg.bq, X).transpose(3, 0, 1, 2, 4, 5)
-  return x.reshape(cfg.nq, B, Hk, G * cfg.bq, X)
+  """Token-major [B, Tqp, Hk*G, X] -> [nq, B, Hk, G*bq, X]."""
+  B, _, _, X = x.shape
+  x = x.reshape(B, cfg.nq, cfg.bq, cfg.Hk, cfg.G, X).transpose(1, 0, 3, 4, 2, 5)
+  return x.reshape(cfg.nq, B, cfg.Hk, cfg.G * cfg.bq, X)
 
 
 def _unblocks_q(x, cfg: _Config):
-  """[nq, B, Hk, G*bq, X] -> [B, Hk, G, Tqp, X]."""
+  """[nq, B, Hk, G*bq, X] -> token-major [B, Tqp, Hk*G, X]."""
   nq, B, Hk, _, X = x.shape
-  x = x.reshape(nq, B, Hk, cfg.G, cfg.bq, X).transpose(1, 2, 3, 0, 4, 5)
-  return x.reshape(B, Hk, cfg.G, nq * cfg.bq, X)
+  x = x.reshape(nq, B, Hk, cfg.G, cfg.bq, X).transpose(1, 0, 4, 2, 3, 5)
+  return x.reshape(B, nq * cfg.bq, Hk * cfg.G, X)
 
 
-def _split_heads(x, cfg: _Config):
-  """[B, Hk*G, Tqp, X] -> [B, Hk, G, Tqp, X]."""
-  return x.reshape(cfg.B, cfg.Hk, cfg.G, x.shape[2], x.shape[3])
+# Query, key and value tiles are read straight from the caller's token-major arrays
+# [B, T, H, X]: a dynamic slice along T and a transpose to head-major, which XLA fuses into the
+# one copy a slice costs anyway. Re-laying the whole arrays out first (head-major [B, H, T, X],
+# or [n, B, H, b, X] blocks) cost XLA:CPU one or two single-threaded passes over each array:
+# about 10% of a sliding window's forward at T=8192 on the 2-core CPU.
+def _kv_tile(x, k0, cfg: _Config):
+  """[B, Tkp, Hk, X] -> the key tile starting at position ``k0``: [B, Hk, bk, X]."""
+  return jax.lax.dynamic_slice_in_dim(x, k0, cfg.bk, axis=1).transpose(0, 2, 1, 3)
 
 
-# Key/value tiles are read straight from the head-major arrays [B, Hk, Tkp, X] (a dynamic slice
-# along T), and query tiles from [B, Hk*G, Tqp, X]: re-laying whole arrays out as
-# [n, B, Hk, b, X] blocks first made XLA:CPU copy each twice (a transpose, then a copy into the
-# loop's layout) and pre-scaling q whole added a pass; reading tiles in place took the forward
-# from 8 to 5 full-array passes, ~5% of its time at T=8192 on the 2-core CPU.
-def _kv_tile(x, j, cfg: _Config):
-  """[B, Hk, Tkp, X] -> key block ``j``: [B, Hk, bk, X]."""
-  return jax.lax.dynamic_slice_in_dim(x, j * cfg.bk, cfg.bk, axis=2)
+def _acc_tile(x, k0, cfg: _Config):
+  """Head-major accumulator [B, Hk, Tkp, X] -> its tile at key ``k0``: [B, Hk, bk, X]."""
+  return jax.lax.dynamic_slice_in_dim(x, k0, cfg.bk, axis=2)
 
 
 def _q_tile(x, i, cfg: _Config, scale=False):
-  """[B, Hk*G, Tqp, X] -> query block ``i``: [B, Hk, G*bq, X] (pre-scaled queries with
+  """[B, Tqp, Hk*G, X] -> query block ``i``: [B, Hk, G*bq, X] (pre-scaled queries with
   ``scale``: done per tile, as one more pass over the whole array cost more)."""
-  t = jax.lax.dynamic_slice_in_dim(x, i * cfg.bq, cfg.bq, axis=2)
+  t = jax.lax.dynamic_slice_in_dim(x, i * cfg.bq, cfg.bq, axis=1).transpose(0, 2, 1, 3)
   t = t.reshape(cfg.B, cfg.Hk, cfg.G * cfg.bq, x.shape[-1])
   return _prescale(t, cfg) if scale else t
 
@@ -159,25 +180,52 @@ def _row_sinks(cfg: _Config, sinks):
   return jnp.repeat(per_head, cfg.bq, axis=1)
 
 
-def _row_tables(cfg: _Config):
-  """Per query block, the key blocks to visit: ``[(counts [nq], index [nq, n], masked)]`` for
-  the FULL and the PARTIAL tiles of the block map (kinds with no tile are left out)."""
+def _tile_tables(bm: np.ndarray, bk: int):
+  """Per query block, the key tiles to visit: ``((counts [nq], starts [nq, n], masked),)`` for
+  the FULL and the PARTIAL blocks of the block map ``[nq, nk]`` (kinds with no tile are left
+  out); ``starts`` are first key positions, ascending per row."""
   tables = []
-  for pairs, masked in ((cfg.full_pairs, False), (cfg.partial_pairs, True)):
+  for kind, masked in ((masks_lib.FULL, False), (masks_lib.PARTIAL, True)):
+    pairs = np.argwhere(bm == kind)
     if not len(pairs):
       continue
-    counts = np.bincount(pairs[:, 0], minlength=cfg.nq).astype(np.int32)
-    index = np.zeros((cfg.nq, max(1, int(counts.max()))), np.int32)
-    fill = np.zeros(cfg.nq, np.int64)
+    counts = np.bincount(pairs[:, 0], minlength=bm.shape[0]).astype(np.int32)
+    index = np.zeros((bm.shape[0], max(1, int(counts.max()))), np.int32)
+    fill = np.zeros(bm.shape[0], np.int64)
     for i, j in pairs:                     # argwhere order: ascending key block per row
-      index[i, fill[i]] = j
+      index[i, fill[i]] = j * bk
       fill[i] += 1
     tables.append((counts, index, masked))
-  return tables
+  return tuple(tables)
 
 
-def _visit(cfg: _Config, kind: str, i, j):
+def _band_span(fbm: np.ndarray, step: int):
+  """Key span of each query block in a fine block map ``[nq, nkf]`` (key blocks of ``step``):
+  ``(first [nq], width)``, ``first[i]`` the first key position of row ``i``'s first non-empty
+  block (-1 for a row that sees nothing) and ``width`` the widest row span, in positions."""
+  nonempty = fbm != masks_lib.EMPTY
+  has = nonempty.any(axis=1)
+  lo = np.where(has, nonempty.argmax(axis=1), 0)
+  hi = np.where(has, fbm.shape[1] - nonempty[:, ::-1].argmax(axis=1), 0)
+  width = int((hi - lo).max()) * step if has.any() else step
+  return np.where(has, lo * step, -1).astype(np.int64), width
+
+
+def _band_tables(first: np.ndarray, width: int, kv_len_padded: int):
+  """The band's visit table: one masked tile of ``width`` keys per query block that sees
+  anything, starting at its first visible block (moved left where it would run past the
+  padded keys: the extra keys are masked like any other)."""
+  counts = (first >= 0).astype(np.int32)
+  starts = np.minimum(np.maximum(first, 0), kv_len_padded - width).astype(np.int32)
+  return ((counts, starts[:, None], True),)
+
+
+def _visit(cfg: _Config, kind: str, i, k0):
   if cfg.on_visit is not None:
+    if cfg.band:
+      kind, j = kind + "_band", k0
+    else:
+      j = k0 // cfg.bk
     jax.debug.callback(lambda i_, j_: cfg.on_visit(kind, int(i_), int(j_)), i, j, ordered=False)
 
 
@@ -189,27 +237,26 @@ def _prescale(q, cfg: _Config):
 def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
   rows = cfg.G * cfg.bq
   shape = (cfg.B, cfg.Hk, rows)
-  skip_tbl = _seg_skip_table(cfg, qseg, kvseg) if cfg.has_seg else None
   tile_shape = (cfg.B, cfg.Hk, rows, cfg.bk)
-  np_tables = _row_tables(cfg)
+  np_tables = cfg.tables
   tables = [(jnp.asarray(c), jnp.asarray(x), masked) for c, x, masked in np_tables]
 
-  def tile(masked, i, j, qt, carry, fixed):
+  def tile(masked, i, k0, qt, carry, fixed):
     m_old, l_old, a_old = carry
-    _visit(cfg, "fwd", i, j)
-    b, h, qi, kj = _tile_index(cfg, i, j, qpos, kvpos)
-    s = _tile_logits(cfg, qt, _kv_tile(k, j, cfg))
+    _visit(cfg, "fwd", i, k0)
+    b, h, qi, kj = _tile_index(cfg, i, k0, qpos, kvpos)
+    s = _tile_logits(cfg, qt, _kv_tile(k, k0, cfg))
     if cfg.mod is not None:
-      ptile = cfg.mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
+      ptile = cfg.mod.tile_params(params, i * cfg.bq, cfg.bq, k0, cfg.bk, cfg.heads)
       s = cfg.mod.fn(ptile, s, b, h, qi, kj)
-    vis = _tile_visibility(cfg, i, j, qi, kj, h, qseg, kvseg, masked)
+    vis = _tile_visibility(cfg, i, k0, qi, kj, h, qseg, kvseg, masked)
     if vis is not None:
       s = jnp.where(vis, s, -jnp.inf)
     s = s.reshape(tile_shape)
     if fixed:
       # m_old stays the row's reference maximum: no max reduction, no rescaling.
       p = jnp.exp(s - m_old[..., None])
-      pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _kv_tile(v, j, cfg),
+      pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _kv_tile(v, k0, cfg),
                       preferred_element_type=f32)
       return m_old, l_old + p.sum(axis=-1), a_old + pv
     m_new = jnp.maximum(m_old, s.max(axis=-1))
@@ -217,15 +264,15 @@ def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
     alpha = jnp.exp(m_old - m_safe)
     p = jnp.exp(s - m_safe[..., None])
     l_new = alpha * l_old + p.sum(axis=-1)
-    pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _kv_tile(v, j, cfg),
+    pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _kv_tile(v, k0, cfg),
                     preferred_element_type=f32)
     return m_new, l_new, alpha[..., None] * a_old + pv
 
-  def visit(masked, i, j, qt, c, fixed):
-    if skip_tbl is None:
-      return tile(masked, i, j, qt, c, fixed)
-    return jax.lax.cond(skip_tbl[i, j], lambda c_: c_,
-                        lambda c_: tile(masked, i, j, qt, c_, fixed), c)
+  def visit(masked, i, k0, qt, c, fixed):
+    if not cfg.has_seg:
+      return tile(masked, i, k0, qt, c, fixed)
+    return jax.lax.cond(_seg_disjoint(cfg, i, k0, qseg, kvseg), lambda c_: c_,
+                        lambda c_: tile(masked, i, k0, qt, c_, fixed), c)
 
   # Inside shard_map (check_vma) the softmax state varies with the device's inputs: fresh
   # initial values are typed that way so loop carries and switch branches agree.
@@ -305,30 +352,29 @@ def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
 def _backward(cfg: _Config, res, g_out, g_lse):
   q, k, v, sinks, params, qseg, kvseg, qpos, kvpos, out_b, lse_b = res
   varying = base.varying_axes(res, g_out, g_lse)   # typing of fresh carries in shard_map
-  qb = _blocks_q(_split_heads(_prescale(q, cfg), cfg), cfg)
+  qb = _blocks_q(_prescale(q, cfg), cfg)
   dob = _blocks_q(g_out, cfg)
   # dL/ds_ij = p_ij * (dp_ij - delta_i); an LSE cotangent adds p_ij * g_lse_i.
   delta = jnp.sum(dob.astype(f32) * out_b, axis=-1)          # [nq, B, Hk, G*bq]
   delta = delta - _blocks_q(g_lse.astype(f32)[..., None], cfg)[..., 0]
   lse_safe = jnp.where(jnp.isfinite(lse_b), lse_b, jnp.inf)  # rows that saw nothing: p = 0
-  skip_tbl = _seg_skip_table(cfg, qseg, kvseg) if cfg.has_seg else None
   rows = cfg.G * cfg.bq
   tile_shape = (cfg.B, cfg.Hk, rows, cfg.bk)
   flat_shape = (cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk)
   mod = cfg.mod
-  tables = [(jnp.asarray(c), jnp.asarray(x), masked) for c, x, masked in _row_tables(cfg)]
+  tables = [(jnp.asarray(c), jnp.asarray(x), masked) for c, x, masked in cfg.tables]
 
-  def tile(masked, i, j, qt, do, lse_i, delta_i, carry):
+  def tile(masked, i, k0, qt, do, lse_i, delta_i, carry):
     dq, dk, dv, dparams = carry
-    _visit(cfg, "bwd", i, j)
-    b, h, qi, kj = _tile_index(cfg, i, j, qpos, kvpos)
-    kt, vt = _kv_tile(k, j, cfg), _kv_tile(v, j, cfg)
+    _visit(cfg, "bwd", i, k0)
+    b, h, qi, kj = _tile_index(cfg, i, k0, qpos, kvpos)
+    kt, vt = _kv_tile(k, k0, cfg), _kv_tile(v, k0, cfg)
     s = _tile_logits(cfg, qt, kt)
     mod_vjp = None
     if mod is not None:
-      ptile = mod.tile_params(params, i * cfg.bq, cfg.bq, j * cfg.bk, cfg.bk, cfg.heads)
+      ptile = mod.tile_params(params, i * cfg.bq, cfg.bq, k0, cfg.bk, cfg.heads)
       s, mod_vjp = jax.vjp(lambda s_, p_: mod.fn(p_, s_, b, h, qi, kj), s, ptile)
-    vis = _tile_visibility(cfg, i, j, qi, kj, h, qseg, kvseg, masked)
+    vis = _tile_visibility(cfg, i, k0, qi, kj, h, qseg, kvseg, masked)
     p = jnp.exp(s.reshape(tile_shape) - lse_i[..., None])
     if vis is not None:
       p = jnp.where(vis.reshape(tile_shape), p, 0.0)
@@ -339,14 +385,14 @@ def _backward(cfg: _Config, res, g_out, g_lse):
       ds_flat, dpt = mod_vjp(ds.reshape(flat_shape))
       dpt = jax.tree.map(_f32_cotangent, dpt)
       ds = ds_flat.reshape(tile_shape)
-      dparams = mod.untile_add(dparams, dpt, i * cfg.bq, j * cfg.bk, cfg.heads)
+      dparams = mod.untile_add(dparams, dpt, i * cfg.bq, k0, cfg.heads)
     # s = (scale * q) . k, so dk takes the pre-scaled queries and dq gets the scale.
     dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), kt,
                          preferred_element_type=f32) * cfg.scale
     dk_t = jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), qt, preferred_element_type=f32)
     upd = jax.lax.dynamic_update_slice_in_dim
-    dk = upd(dk, _kv_tile(dk, j, cfg) + dk_t, j * cfg.bk, 2)
-    dv = upd(dv, _kv_tile(dv, j, cfg) + dv_t, j * cfg.bk, 2)
+    dk = upd(dk, _acc_tile(dk, k0, cfg) + dk_t, k0, 2)
+    dv = upd(dv, _acc_tile(dv, k0, cfg) + dv_t, k0, 2)
     return dq, dk, dv, dparams
 
   # Outer scan over query blocks (dQ of the block stays loop-local), inner loops over the
@@ -360,23 +406,26 @@ def _backward(cfg: _Config, res, g_out, g_lse):
       row_index = index[i]
 
       def body(t, c, masked=masked, row_index=row_index):
-        j = row_index[t]
-        run = lambda c_: tile(masked, i, j, qt, do, lse_i, delta_i, c_)
-        if skip_tbl is None:
+        k0 = row_index[t]
+        run = lambda c_: tile(masked, i, k0, qt, do, lse_i, delta_i, c_)
+        if not cfg.has_seg:
           return run(c)
-        return jax.lax.cond(skip_tbl[i, j], lambda c_: c_, run, c)
+        return jax.lax.cond(_seg_disjoint(cfg, i, k0, qseg, kvseg), lambda c_: c_, run, c)
 
       inner = jax.lax.fori_loop(0, counts[i], body, inner)
     dq, dk, dv, dparams = inner
     return (dk, dv, dparams), dq
 
   dparams0 = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params)
-  carry = base.cast_varying((jnp.zeros(k.shape, f32), jnp.zeros(v.shape, f32), dparams0),
+  # dK/dV accumulate head-major [B, Hk, Tkp, X], so a tile update is a contiguous slice.
+  head_major = lambda x: (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
+  carry = base.cast_varying((jnp.zeros(head_major(k), f32), jnp.zeros(head_major(v), f32),
+                             dparams0),
                             varying)
   (dk, dv, dparams), dq = jax.lax.scan(
       row, carry, (jnp.arange(cfg.nq, dtype=jnp.int32), qb, dob, lse_safe, delta))
   dq = _unblocks_q(dq, cfg).reshape(q.shape).astype(q.dtype)
-  dk, dv = dk.astype(k.dtype), dv.astype(v.dtype)
+  dk, dv = dk.transpose(0, 2, 1, 3).astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype)
   dsinks = None
   if cfg.has_sinks:
     p_sink = jnp.exp(_row_sinks(cfg, sinks) - lse_safe)      # [nq, B, Hk, G*bq]
@@ -448,20 +497,38 @@ class ChunkedBackend(base.Backend):
   row underflowing. Blocks where that fails (detected from the denominator and accumulator) are
   recomputed with the running maximum, so results never depend on it, only the time does. Used
   when ``v`` is float32, bfloat16 or float64 (float16 cannot hold ``exp(80)``);
-  ``fixed_max=False`` always uses the running maximum.
+  ``fixed_max=False`` always uses the running maximum. A band (below) has a single key tile per
+  query block, whose online update is the plain softmax, so it does not use it.
+
+  ``band`` chooses the band computation: each query block of ``band_block_q`` rows computes a
+  single key tile spanning its visible keys, from its first visible key block of ``band_step``
+  positions; the tile width is the widest such span over all query blocks (from the static
+  block map; traced positions make it the whole key range). Every band tile evaluates the mask.
+  ``None`` (the default) uses the band when it computes at most 0.75 of the score elements of
+  the aligned tiles and one band tile stays within 4 tile budgets, with 128-row query blocks,
+  and only when ``block_kv`` is left automatic; ``True`` always uses it (``band_block_q``
+  defaulting to ``block_q``, else 128), ``False`` never. At T=8192 with a sliding window of
+  512 on the 2-core CPU the band took 0.58 of the tiles' forward+backward time (BENCHMARKS.md).
 
   ``on_visit`` is a debugging hook: when set, ``on_visit(pass, q_block, kv_block)`` runs on the
   host (``jax.debug.callback``) for every tile the forward (``"fwd"``) and backward (``"bwd"``)
-  passes compute, which is how the tests check that work follows the block map. It slows the
-  kernel down; leave it ``None`` otherwise.
+  passes compute, which is how the tests check that work follows the block map. Band tiles are
+  reported as passes ``"fwd_band"`` and ``"bwd_band"`` with the band's first key position in
+  place of ``kv_block``. It slows the kernel down; leave it ``None`` otherwise.
   """
   capabilities = base.Capabilities(name="chunked")
 
   def __init__(self, block_q: int | None = None, block_kv: int | None = None, *,
-               tile_budget: int = 1 << 21, fixed_max: bool = True, on_visit=None):
-    for name, val in (("block_q", block_q), ("block_kv", block_kv)):
+               tile_budget: int = 1 << 21, fixed_max: bool = True, band: bool | None = None,
+               band_block_q: int | None = None, band_step: int = 64, on_visit=None):
+    for name, val in (("block_q", block_q), ("block_kv", block_kv),
+                      ("band_block_q", band_block_q)):
       if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
         raise ValueError(f"{name} must be a positive int or None (automatic), got {val!r}")
+    if not isinstance(band_step, int) or isinstance(band_step, bool) or band_step < 1:
+      raise ValueError(f"band_step must be a positive int, got {band_step!r}")
+    if band is not None and not isinstance(band, bool):
+      raise TypeError(f"band must be True, False or None (automatic), got {band!r}")
     if not isinstance(tile_budget, int) or tile_budget < 1:
       raise ValueError(f"tile_budget must be a positive int, got {tile_budget!r}")
     if not isinstance(fixed_max, bool):
@@ -470,10 +537,11 @@ class ChunkedBackend(base.Backend):
       raise TypeError(f"on_visit must be callable or None, got {type(on_visit).__name__}")
     self.block_q, self.block_kv = block_q, block_kv
     self.tile_budget, self.fixed_max, self.on_visit = tile_budget, fixed_max, on_visit
+    self.band, self.band_block_q, self.band_step = band, band_block_q, band_step
 
   def __repr__(self):
     return (f"ChunkedBackend(block_q={self.block_q}, block_kv={self.block_kv}, "
-            f"fixed_max={self.fixed_max})")
+            f"fixed_max={self.fixed_max}, band={self.band})")
 
   def block_sizes(self, q_len, kv_len, rows_per_query: int = 1):
     """Tile ``(block_q, block_kv)`` for these lengths; ``rows_per_query`` is the number of score
@@ -494,16 +562,61 @@ class ChunkedBackend(base.Backend):
     return (min(bq, _round_up(q_len, 8)), min(bk, _round_up(kv_len, 8)))
 
   def plan(self, p: base.Problem):
-    """The static block map ``[H|1, nq, nk]`` this backend will use for ``p``."""
+    """The static block map ``[H|1, nq, nk]`` of the tiled computation and its tile."""
     bq, bk = self.block_sizes(p.q_len, p.kv_len, p.batch * p.num_q_heads)
     bm = base.static_block_map(p, bq, bk)
     return bm, bq, bk
+
+  def band_plan(self, p: base.Problem, bm=None):
+    """The band computation for ``p`` when this backend uses it, else ``None``: ``(fine block
+    map [H|1, nq, nkf], block_q, band_step)``, the map's key blocks ``band_step`` positions
+    wide (see the class docstring)."""
+    if self.band is False or (self.band is None and self.block_kv is not None):
+      return None
+    rows_per_query = p.batch * p.num_q_heads
+    bq, bk = self.block_sizes(p.q_len, p.kv_len, rows_per_query)
+    if bm is None:
+      bm = base.static_block_map(p, bq, bk)
+    bqb = self.band_block_q or (self.block_q if self.block_q is not None
+                                else min(bq, _BAND_BLOCK_Q))
+    bqb = min(bqb, _round_up(p.q_len, 8))
+    step = min(self.band_step, _round_up(p.kv_len, 8))
+    fbm = base.static_block_map(p, bqb, step)
+    if self.band:
+      return fbm, bqb, step
+    # Automatic: scores computed (score-tile elements summed over head groups) by the band
+    # against the tiles, and the band tile's size against the tile budget.
+    tiled = sum(int(np.count_nonzero(g != masks_lib.EMPTY))
+                for _, g in _group_heads(bm)) * bq * bk
+    band, widest = 0, 0
+    for _, g in _group_heads(fbm):
+      first, width = _band_span(g, step)
+      band += int(np.count_nonzero(first >= 0)) * bqb * width
+      widest = max(widest, width)
+    if (band <= _BAND_MAX_WORK * tiled
+        and rows_per_query * bqb * widest <= _BAND_MAX_TILE * self.tile_budget):
+      return fbm, bqb, step
+    return None
+
+  def describe(self, p: base.Problem) -> str:
+    """How this backend computes ``p``: ``"tiles BQxBK"`` or ``"band: BQ query rows x W keys"``
+    (the widest head group's band)."""
+    band = self.band_plan(p)
+    if band is None:
+      _, bq, bk = self.plan(p)
+      return f"tiles {bq}x{bk}"
+    fbm, bqb, step = band
+    width = max(_band_span(g, step)[1] for _, g in _group_heads(fbm))
+    return f"band: {bqb} query rows x {width} keys"
 
   def __call__(self, p: base.Problem):
     B, Tq, Hq, D = p.q.shape
     Tk, Hkv, Dv = p.k.shape[1], p.k.shape[2], p.v.shape[-1]
     G = Hq // Hkv
     bm, bq, bk = self.plan(p)
+    band = self.band_plan(p, bm)
+    if band is not None:
+      bm, bq, bk = band
     nq, nk = bm.shape[1], bm.shape[2]
     Tqp, Tkp = nq * bq, nk * bk
 
@@ -511,14 +624,14 @@ class ChunkedBackend(base.Backend):
     k = _pad_axis(p.k, 1, Tkp)
     v = _pad_axis(p.v, 1, Tkp)
     q_pos, kv_pos = p.positions()
+    # Query-side positions and segment ids are blocked [nq, B, bq]; key-side ones stay
+    # [B, Tkp] and are sliced per tile (band tiles start anywhere).
     q_pos = _pad_axis(q_pos, 1, Tqp, mode="edge").reshape(q_pos.shape[0], nq, bq).transpose(1, 0, 2)
-    kv_pos = _pad_axis(kv_pos, 1, Tkp, mode="edge").reshape(kv_pos.shape[0], nk, bk)
-    kv_pos = kv_pos.transpose(1, 0, 2)
+    kv_pos = _pad_axis(kv_pos, 1, Tkp, mode="edge")
     has_seg = p.q_segment_ids is not None
     if has_seg:
       qseg = _pad_axis(p.q_segment_ids, 1, Tqp, mode="edge").reshape(B, nq, bq).transpose(1, 0, 2)
-      kvseg = _pad_axis(p.kv_segment_ids, 1, Tkp, mode="edge").reshape(B, nk, bk)
-      kvseg = kvseg.transpose(1, 0, 2)
+      kvseg = _pad_axis(p.kv_segment_ids, 1, Tkp, mode="edge")
     else:
       qseg = kvseg = jnp.zeros((1,), jnp.int32)
     sinks = p.sinks if p.sinks is not None else jnp.zeros((Hq,), f32)
@@ -533,26 +646,31 @@ class ChunkedBackend(base.Backend):
     outs, lses, order = [], [], []
     for heads, gbm in groups:
       if heads is None:
-        qg = q.transpose(0, 2, 1, 3)   # [B, Hkv*G, Tqp, D]: head h = kv head h // G
-        kg, vg = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        qg, kg, vg = q, k, v           # token-major; query head h uses kv head h // G
         hk, gg, head_ids = Hkv, G, np.arange(Hq)
       else:
-        qg = jnp.take(q, heads, axis=2).transpose(0, 2, 1, 3)
-        kg = jnp.take(k, heads // G, axis=2).transpose(0, 2, 1, 3)
-        vg = jnp.take(v, heads // G, axis=2).transpose(0, 2, 1, 3)
+        qg = jnp.take(q, heads, axis=2)
+        kg, vg = jnp.take(k, heads // G, axis=2), jnp.take(v, heads // G, axis=2)
         hk, gg, head_ids = len(heads), 1, heads
+      if band is not None:
+        first, tk = _band_span(gbm, bk)
+        tables = _band_tables(first, tk, Tkp)
+      else:
+        tk, tables = bk, _tile_tables(gbm, bk)
       mod = None
       if p.score_mod is not None:
-        mod = p.score_mod.bind((B, hk * gg, bq, bk), (B, 1, 1, 1), (1, hk * gg, 1, 1),
-                               (q_pos.shape[1], 1, bq, 1), (kv_pos.shape[1], 1, 1, bk))
+        mod = p.score_mod.bind((B, hk * gg, bq, tk), (B, 1, 1, 1), (1, hk * gg, 1, 1),
+                               (q_pos.shape[1], 1, bq, 1), (kv_pos.shape[0], 1, 1, tk))
       gparams = mod.pad_params(Tqp, Tkp) if mod is not None else ()
       cfg = _Config(
-          B=B, Hk=hk, G=gg, bq=bq, bk=bk, nq=nq, nk=nk, kv_len=Tk, scale=float(p.scale),
+          B=B, Hk=hk, G=gg, bq=bq, bk=tk, nq=nq, nk=nk, kv_len=Tk, scale=float(p.scale),
           mask=p.mask, heads=heads, head_ids=np.asarray(head_ids),
-          full_pairs=np.argwhere(gbm == masks_lib.FULL).astype(np.int32),
-          partial_pairs=np.argwhere(gbm == masks_lib.PARTIAL).astype(np.int32),
+          tables=tables, band=band is not None,
           mod=mod, has_seg=has_seg, has_sinks=p.sinks is not None,
-          fixed_max=self.fixed_max and jnp.dtype(p.v.dtype).name in _FIXED_MAX_DTYPES,
+          # A band is one tile per query block: its online update is already the plain
+          # softmax, so the fixed maximum would only add the fallback check.
+          fixed_max=(self.fixed_max and band is None
+                     and jnp.dtype(p.v.dtype).name in _FIXED_MAX_DTYPES),
           on_visit=self.on_visit)
       operands = (qg, kg, vg, sinks, gparams, qseg, kvseg, q_pos, kv_pos)
       # Inside shard_map (check_vma): make every operand vary over the same mesh axes, so the
@@ -560,15 +678,15 @@ class ChunkedBackend(base.Backend):
       # cotangents of replicated operands (sinks, score-mod parameters) over those axes.
       operands = base.cast_varying(operands, base.varying_axes(operands))
       o, lse = _make_core(cfg)(*operands)
-      outs.append(o.reshape(B, hk * gg, Tqp, Dv))
-      lses.append(lse.reshape(B, hk * gg, Tqp))
+      outs.append(o)                   # [B, Tqp, heads, Dv]
+      lses.append(lse)                 # [B, Tqp, heads]
       order.append(np.asarray(head_ids))
-    out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-    lse = jnp.concatenate(lses, axis=1) if len(lses) > 1 else lses[0]
+    out = jnp.concatenate(outs, axis=2) if len(outs) > 1 else outs[0]
+    lse = jnp.concatenate(lses, axis=2) if len(lses) > 1 else lses[0]
     if len(outs) > 1:
       inv = np.argsort(np.concatenate(order))
-      out, lse = jnp.take(out, inv, axis=1), jnp.take(lse, inv, axis=1)
-    out = out[:, :, :Tq].transpose(0, 2, 1, 3).astype(p.q.dtype)
+      out, lse = jnp.take(out, inv, axis=2), jnp.take(lse, inv, axis=2)
+    out = out[:, :Tq].astype(p.q.dtype)
     if p.return_lse:
-      return out, lse[:, :, :Tq].transpose(0, 2, 1)
+      return out, lse[:, :Tq]
     return out

@@ -23,12 +23,14 @@ from attnjax.backends.chunked import ChunkedBackend
 from attnjax.backends.xla import XlaBackend
 
 # Every backend under test with a short id. Pallas backends join by adding themselves here;
-# tests skip features a backend does not declare. The two chunked entries also cover both
-# forward modes: the default fixed-max forward and the running-max one (``-online``).
+# tests skip features a backend does not declare. The chunked entries also cover both forward
+# modes (the default fixed-max forward and the running-max one, ``-online``) and the band
+# computation (one key band per query block, ``-band``), forced here at any mask density.
 BACKENDS: dict[str, aj.Backend] = {
     "xla": XlaBackend(),
     "chunked-8x16": ChunkedBackend(block_q=8, block_kv=16),
     "chunked-32x8-online": ChunkedBackend(block_q=32, block_kv=8, fixed_max=False),
+    "chunked-band": ChunkedBackend(band=True, band_block_q=16, band_step=8),
 }
 
 FUDGE = {"float32": 10.0, "bfloat16": 3.0}

@@ -96,7 +96,8 @@ def _mask_trees():
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 @given(mask=_mask_trees(), tq=st.integers(1, 40), tk=st.integers(1, 40),
-       impl=st.sampled_from(["xla", "chunked-8x16", "chunked-32x8-online"]), seed=st.integers(0, 99))
+       impl=st.sampled_from(["xla", "chunked-8x16", "chunked-32x8-online", "chunked-band"]),
+       seed=st.integers(0, 99))
 def test_random_mask_compositions(mask, tq, tk, impl, seed):
   case = Case(B=1, Tq=tq, Tk=tk, Hq=4, Hkv=2, D=8, Dv=8, mask=mask, seed=seed)
   check_case(_impl(impl), case)

@@ -13,8 +13,9 @@ from attnjax import masks as M
 from attnjax.backends.chunked import ChunkedBackend
 
 
-@pytest.mark.parametrize("fixed_max", [True, False])
-def test_chunked_in_user_shard_map(fixed_max):
+@pytest.mark.parametrize("fixed_max,band", [(True, False), (False, False), (True, True)],
+                         ids=["fixed_max", "online", "band"])
+def test_chunked_in_user_shard_map(fixed_max, band):
   mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
   rng = np.random.default_rng(0)
   B, T, Hq, Hkv, D = 4, 48, 4, 2, 8
@@ -23,7 +24,7 @@ def test_chunked_in_user_shard_map(fixed_max):
   sinks = jnp.asarray(rng.normal(size=(Hq,)), jnp.float32)
   slopes = jnp.asarray(rng.uniform(0.1, 1.0, size=(Hq,)), jnp.float32)
   seg = jnp.asarray(np.repeat([[0, 1, 2]], B, 0).repeat(16, 1), jnp.int32)
-  be = ChunkedBackend(block_q=16, block_kv=16, fixed_max=fixed_max)
+  be = ChunkedBackend(block_q=16, block_kv=16, fixed_max=fixed_max, band=band, band_step=8)
   mask = M.causal() & M.sliding_window(20, 0)
 
   def attn(q, k, v, sinks, slopes, seg):
