@@ -50,8 +50,9 @@ _FIXED_MAX_DTYPES = frozenset({"float32", "bfloat16", "float64"})   # 8+ exponen
 
 # Automatic band (see ChunkedBackend): query blocks of 128 rows, chosen when the band computes at
 # most 0.75 of the tiles' score elements and one band tile holds at most 4 tile budgets. At
-# T=8192 (sliding window 511, 2-core CPU) 128-row bands beat 64, 256 and 512 rows forward and
-# backward; the forward+backward took 0.58 of the 512 x 512 tiles' time (BENCHMARKS.md).
+# T=8192 (sliding window 511, 2-core CPU, 7 interleaved rounds) 128-row bands were faster than
+# 64 and 256 rows forward (92 ms against 108 and 105) and forward+backward (262 against 282
+# and 333); 512 x 512 tiles took 146 and 445 ms (BENCHMARKS.md).
 _BAND_BLOCK_Q = 128
 _BAND_MAX_WORK = 0.75
 _BAND_MAX_TILE = 4
@@ -153,9 +154,11 @@ def _unblocks_q(x, cfg: _Config):
 
 # Query, key and value tiles are read straight from the caller's token-major arrays
 # [B, T, H, X]: a dynamic slice along T and a transpose to head-major, which XLA fuses into the
-# one copy a slice costs anyway. Re-laying the whole arrays out first (head-major [B, H, T, X],
-# or [n, B, H, b, X] blocks) cost XLA:CPU one or two single-threaded passes over each array:
-# about 10% of a sliding window's forward at T=8192 on the 2-core CPU.
+# one copy a slice costs anyway. Re-laying the whole arrays out first (head-major [B, H, T, X])
+# kept three more T-sized arrays alive: at T=16384 (causal, 2-core CPU) the compiled temp
+# memory is 52 MiB forward and 92.5 MiB forward+backward instead of 124 and 188.5. The time is
+# the same within noise (paired A/B at T=8100: 0.98-1.01, one 1.14 in a noisy round): the
+# transposing tile copies cost about what the whole-array copies did.
 def _kv_tile(x, k0, cfg: _Config):
   """[B, Tkp, Hk, X] -> the key tile starting at position ``k0``: [B, Hk, bk, X]."""
   return jax.lax.dynamic_slice_in_dim(x, k0, cfg.bk, axis=1).transpose(0, 2, 1, 3)
@@ -508,7 +511,8 @@ class ChunkedBackend(base.Backend):
   the aligned tiles and one band tile stays within 4 tile budgets, with 128-row query blocks,
   and only when ``block_kv`` is left automatic; ``True`` always uses it (``band_block_q``
   defaulting to ``block_q``, else 128), ``False`` never. At T=8192 with a sliding window of
-  512 on the 2-core CPU the band took 0.58 of the tiles' forward+backward time (BENCHMARKS.md).
+  512 on the 2-core CPU the band took about 0.6 of the 512 x 512 tiles' time, forward and
+  forward+backward (BENCHMARKS.md).
 
   ``on_visit`` is a debugging hook: when set, ``on_visit(pass, q_block, kv_block)`` runs on the
   host (``jax.debug.callback``) for every tile the forward (``"fwd"``) and backward (``"bwd"``)
