@@ -10,6 +10,7 @@ the reference sees them).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import zlib
 
@@ -133,7 +134,11 @@ def test_matches_reference(name, platform):
       kw["block_kv"] = 8   # TPU interpret allows multiples of 8
   kw["platform"] = None if (platform == "gpu" and name == "bf16_defaults") else platform
   fn = jax.jit(functools.partial(decode_attention, **kw))
-  res = fn(q, k, v, jnp.asarray(lengths), **runtime)
+  # S=40 with default blocks on the GPU: no block size divides it, so the cache is padded.
+  padded = platform == "gpu" and name == "bf16_defaults"
+  with (pytest.warns(common.CachePaddingWarning, match="S=40") if padded
+        else contextlib.nullcontext()):
+    res = fn(q, k, v, jnp.asarray(lengths), **runtime)
   ref_kw = {key: (np.asarray(val) if val is not None else None) for key, val in runtime.items()}
   ref_kw.update({key: static[key] for key in ("window_left", "softcap", "scale") if key in static})
   ref_out, ref_lse = reference(q, k, v, lengths, **ref_kw)
