@@ -133,11 +133,12 @@ class ScoreMod:
     """Add a tile cotangent ``ct`` (shaped like ``tile_params``' output) into ``acc``
     (shaped like the padded params)."""
     def add(t: Tiling, a, c):
-      starts = [0] * a.ndim
+      # One index type for every axis (int32): under x64 a bare 0 would be int64.
+      starts = [jnp.int32(0)] * a.ndim
       if t.q_axis is not None and a.shape[t.q_axis] > 1:
-        starts[t.q_axis] = q_start
+        starts[t.q_axis] = jnp.asarray(q_start, jnp.int32)
       if t.kv_axis is not None and a.shape[t.kv_axis] > 1:
-        starts[t.kv_axis] = kv_start
+        starts[t.kv_axis] = jnp.asarray(kv_start, jnp.int32)
       if t.head_axis is not None and heads is not None and a.shape[t.head_axis] > 1:
         # Scatter the head subset back; heads are distinct, so this is an exact add.
         full_shape = list(c.shape)

@@ -11,6 +11,7 @@ import pytest
 
 import attnjax as aj
 from attnjax import masks as M
+from attnjax.backends import base
 from attnjax.backends import chunked as chunked_lib
 from attnjax.backends.chunked import ChunkedBackend
 
@@ -161,14 +162,11 @@ def test_band_visits_one_tile_per_query_block(name, mask, T, bqb, step):
   visible key block, forward and backward; results match the tiled computation."""
   q, k, v = _qkv(T)
   seen = {"fwd_band": [], "bwd_band": []}
-  widths = []
   be = ChunkedBackend(band=True, band_block_q=bqb, band_step=step,
                       on_visit=lambda kind, i, j: seen[kind].append((i, j)))
-  p = aj.build_problem(q, k, v, mask=mask)
-  fbm, got_bq, got_step = be.band_plan(p)
-  assert (got_bq, got_step) == (bqb, step)
-  for _, g in chunked_lib._group_heads(fbm):
-    widths.append(chunked_lib._band_span(g, step)[1])
+  plan = be.band_plan(aj.build_problem(q, k, v, mask=mask))
+  assert (plan.block_q, plan.step) == (bqb, step)
+  widths = [width for _, _, width in plan.groups]
 
   def loss(backend):
     return lambda q, k, v: jnp.sum(jnp.sin(aj.attention(q, k, v, mask=mask, impl=backend)))
@@ -217,8 +215,9 @@ def test_automatic_band_choice():
     return backend.band_plan(aj.build_problem(q, q, q, mask=mask))
 
   window = M.causal() & M.sliding_window(511, 0)
-  fbm, bqb, step = plan(window, 8192)
-  assert (bqb, step) == (128, 64) and fbm.shape == (1, 64, 128)
+  band = plan(window, 8192)
+  assert (band.block_q, band.step, band.width) == (128, 64, 640)
+  assert len(band.groups) == 1 and band.groups[0][1].shape == (64,)
   x = jax.ShapeDtypeStruct((1, 8192, 8, 64), jnp.float32)
   assert be.describe(aj.build_problem(x, x, x, mask=window)) == "band: 128 query rows x 640 keys"
   assert be.describe(aj.build_problem(x, x, x, mask=M.causal())) == "tiles 512x512"
@@ -234,3 +233,53 @@ def test_automatic_band_choice():
     ChunkedBackend(band_block_q=-2)
   with pytest.raises(TypeError, match="band must be"):
     ChunkedBackend(band="yes")
+
+
+def test_band_spans_from_intervals_equal_the_block_map():
+  """Masks with per-query key intervals get their band spans in O(T) (no fine block map);
+  they equal the spans read from the block map at the band's resolution."""
+  masks = [M.causal(), M.causal(offset=-7), M.sliding_window(13, 0), M.sliding_window(3, 9),
+           M.chunked(11), M.causal() & M.chunked(9), M.causal() & M.sliding_window(20, 0),
+           M.full(), M.prefix_lm(10), M.block_causal(6)]
+  fast_paths = 0
+  for mask in masks:
+    for tq, tk in [(77, 77), (40, 90), (90, 40), (1, 33)]:
+      for bqb, step in [(8, 8), (16, 8), (32, 16), (8, 24)]:
+        x, y = jnp.zeros((1, tq, 2, 4)), jnp.zeros((1, tk, 2, 4))
+        p = aj.build_problem(x, y, y, mask=mask)
+        fast = chunked_lib._interval_spans(p, bqb, step)
+        want = chunked_lib._band_span(base.static_block_map(p, bqb, step)[0], step)
+        if fast is not None:
+          fast_paths += 1
+          np.testing.assert_array_equal(fast[0], want[0])
+          assert fast[1] == want[1], (mask, tq, tk, bqb, step)
+  assert fast_paths == len(masks) * 16
+
+
+def test_automatic_band_weighs_head_groups():
+  """Per-head masks: the rule counts each group's work times its heads. Seven heads of
+  tile-aligned chunks and one narrow window stay on tiles (the band would compute more); four
+  wide and four narrow windows use the band."""
+  q = jnp.zeros((1, 4096, 8, 64), jnp.float32)
+  aligned = M.per_head([M.chunked(1024)] * 7 + [M.causal() & M.sliding_window(63, 0)])
+  windows = M.per_head([M.causal() & M.sliding_window(511, 0)] * 4
+                       + [M.causal() & M.sliding_window(127, 0)] * 4)
+  be = ChunkedBackend()
+  assert be.band_plan(aj.build_problem(q, q, q, mask=aligned)) is None
+  band = be.band_plan(aj.build_problem(q, q, q, mask=windows))
+  assert band is not None and sorted(w for _, _, w in band.groups) == [256, 640]
+
+
+def test_band_memory_is_linear_in_length():
+  T, D = 4096, 16
+  q, k, v = _qkv(T, H=1, D=D)
+  backend = ChunkedBackend(band=True)
+
+  def loss(q, k, v):
+    return jnp.sum(aj.attention(q, k, v, mask=M.sliding_window(255, 0), impl=backend) ** 2)
+
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
+  mem = compiled.memory_analysis()
+  if mem is None:
+    pytest.skip("memory_analysis unavailable on this platform")
+  assert mem.temp_size_in_bytes < T * T * 4 / 16, mem.temp_size_in_bytes

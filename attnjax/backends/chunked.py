@@ -3,7 +3,7 @@
 Work follows the mask's static block map: EMPTY blocks are never visited, FULL blocks skip mask
 evaluation, PARTIAL blocks evaluate ``mask_mod`` on the tile's index grid. The forward pass is a
 ``lax.scan`` over query blocks; for each, inner loops run over that block's FULL and PARTIAL key
-blocks, with trip counts and key-block indices read from per-row visit tables built from the
+blocks, with trip counts and tile start positions read from per-row visit tables built from the
 block map, and the running max, denominator and output accumulator (float32) stay local to the
 query block. Memory is ``O(T * D)`` and time is proportional to the number of non-empty blocks.
 Segment ids add a run-time skip: a tile whose query and key segment-id ranges are disjoint for
@@ -19,8 +19,9 @@ scores are computed than with aligned tiles (a 128-row block under a window of 5
 
 The backward pass is a custom VJP with the same loop structure that recomputes each visited tile
 from the saved LSE (no ``[Tq, Tk]`` residual): dQ accumulates locally per query block, dK, dV,
-sink and score-mod parameter gradients into their blocks. Per-head masks are served by grouping
-heads whose block maps agree and running each group with its own visit tables.
+sink and score-mod parameter gradients into the key range of each tile (band tiles overlap, and
+add). Per-head masks are served by grouping heads whose block maps agree and running each group
+with its own visit tables.
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ class _Config:
   bq: int
   bk: int
   nq: int
-  nk: int
   kv_len: int
   scale: float
   mask: masks_lib.Mask
@@ -83,13 +83,13 @@ class _Config:
   has_seg: bool
   has_sinks: bool
   fixed_max: bool = False       # forward: row max fixed after the first tile (see _forward)
-  on_visit: Any = None          # debugging hook: on_visit(pass, q_block, kv_block) per tile
+  on_visit: Any = None          # debugging hook, see ChunkedBackend
 
 
 def _tile_logits(cfg: _Config, qt, kt):
   """Logits of one tile, ``[B, Hs, bq, bk]`` float32, from pre-scaled queries ``qt``
   ``[B, Hk, G*bq, D]`` and keys ``kt`` ``[B, Hk, bk, D]`` (XLA:CPU runs this transposed-RHS
-  matmul as fast as with pre-transposed keys, and a whole-array transpose costs more)."""
+  matmul as fast as with keys transposed to ``[D, bk]``, so the tile copy leaves them rows)."""
   s = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=f32)
   return s.reshape(cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk)
 
@@ -156,7 +156,7 @@ def _unblocks_q(x, cfg: _Config):
 # [B, T, H, X]: a dynamic slice along T and a transpose to head-major, which XLA fuses into the
 # one copy a slice costs anyway. Re-laying the whole arrays out first (head-major [B, H, T, X])
 # kept three more T-sized arrays alive: at T=16384 (causal, 2-core CPU) the compiled temp
-# memory is 52 MiB forward and 92.5 MiB forward+backward instead of 124 and 188.5. The time is
+# memory is 52 MiB forward and 92.5 MiB for grad(sum(out)) instead of 124 and 188.5. The time is
 # the same within noise (paired A/B at T=8100: 0.98-1.01, one 1.14 in a noisy round): the
 # transposing tile copies cost about what the whole-array copies did.
 def _kv_tile(x, k0, cfg: _Config):
@@ -221,6 +221,56 @@ def _band_tables(first: np.ndarray, width: int, kv_len_padded: int):
   counts = (first >= 0).astype(np.int32)
   starts = np.minimum(np.maximum(first, 0), kv_len_padded - width).astype(np.int32)
   return ((counts, starts[:, None], True),)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BandPlan:
+  """A band computation: query blocks of ``block_q`` rows, key starts on multiples of ``step``,
+  and per head group ``(heads, first, width)``: ``heads`` the group's query heads (``None``:
+  all), ``first`` [nq] each block's first visible key (-1: sees nothing), ``width`` its tile."""
+  block_q: int
+  step: int
+  groups: tuple
+
+  @property
+  def width(self) -> int:
+    return max(w for _, _, w in self.groups)
+
+
+def _interval_spans(p: base.Problem, bq: int, step: int):
+  """``(first, width)`` as :func:`_band_span` gives it, in O(Tq) from the mask's per-query key
+  intervals (default positions, masks that have them), or None."""
+  if not p.default_positions or p.mask.per_head:
+    return None
+  q = np.arange(p.q_len, dtype=np.int64) + (p.kv_len - p.q_len)
+  iv = p.mask._interval(q)
+  if iv is None:
+    return None
+  lo = np.maximum(np.asarray(iv[0], np.int64), 0)
+  hi = np.minimum(np.asarray(iv[1], np.int64), p.kv_len - 1)
+  sees = lo <= hi
+  nq = -(-p.q_len // bq)
+  pad = nq * bq - p.q_len
+  big = np.iinfo(np.int64).max
+  lo = np.pad(np.where(sees, lo, big), (0, pad), constant_values=big).reshape(nq, bq).min(1)
+  hi = np.pad(np.where(sees, hi, -1), (0, pad), constant_values=-1).reshape(nq, bq).max(1)
+  has = hi >= 0
+  first_blk, last_blk = np.where(has, lo // step, 0), np.where(has, hi // step, -1)
+  width = int((last_blk - first_blk + 1).max()) * step if has.any() else step
+  return np.where(has, first_blk * step, -1).astype(np.int64), width
+
+
+def _band_plan(p: base.Problem, bq: int, step: int) -> BandPlan:
+  """Band spans per head group: from the mask's intervals when it has them, else from its
+  static block map at ``bq x step`` resolution."""
+  fast = _interval_spans(p, bq, step)
+  if fast is not None:
+    return BandPlan(bq, step, ((None,) + fast,))
+  fbm = base.static_block_map(p, bq, step)
+  groups = _group_heads(fbm)
+  if fbm.shape[0] == 1 or len(groups) == 1:
+    groups = [(None, groups[0][1])]
+  return BandPlan(bq, step, tuple((hs,) + _band_span(g, step) for hs, g in groups))
 
 
 def _visit(cfg: _Config, kind: str, i, k0):
@@ -399,7 +449,7 @@ def _backward(cfg: _Config, res, g_out, g_lse):
     return dq, dk, dv, dparams
 
   # Outer scan over query blocks (dQ of the block stays loop-local), inner loops over the
-  # block's key tiles from the visit tables; dK/dV accumulate into their key blocks.
+  # block's key tiles from the visit tables; dK/dV accumulate into each tile's key range.
   def row(carry, xs):
     i, qt, do, lse_i, delta_i = xs
     dk, dv, dparams = carry
@@ -507,10 +557,13 @@ class ChunkedBackend(base.Backend):
   single key tile spanning its visible keys, from its first visible key block of ``band_step``
   positions; the tile width is the widest such span over all query blocks (from the static
   block map; traced positions make it the whole key range). Every band tile evaluates the mask.
-  ``None`` (the default) uses the band when it computes at most 0.75 of the score elements of
-  the aligned tiles and one band tile stays within 4 tile budgets, with 128-row query blocks,
-  and only when ``block_kv`` is left automatic; ``True`` always uses it (``band_block_q``
-  defaulting to ``block_q``, else 128), ``False`` never. At T=8192 with a sliding window of
+  ``band_block_q`` defaults to 128. ``None`` (the default) uses the band when it computes at
+  most 0.75 of the score elements of the aligned tiles (summed over head groups, times their
+  heads) and one band tile stays within 4 tile budgets, and only when ``block_kv`` is left
+  automatic; ``True`` always uses it, ``False`` never. Masks with per-query key intervals
+  (causal, sliding window, chunked, prefix, block-causal and their intersections) get their
+  spans in O(T); others from a block map at ``band_block_q x band_step`` resolution, computed
+  only when the FULL tiles leave the band a chance. At T=8192 with a sliding window of
   512 on the 2-core CPU the band took about 0.6 of the 512 x 512 tiles' time, forward and
   forward+backward (BENCHMARKS.md).
 
@@ -545,7 +598,8 @@ class ChunkedBackend(base.Backend):
 
   def __repr__(self):
     return (f"ChunkedBackend(block_q={self.block_q}, block_kv={self.block_kv}, "
-            f"fixed_max={self.fixed_max}, band={self.band})")
+            f"tile_budget={self.tile_budget}, fixed_max={self.fixed_max}, band={self.band}, "
+            f"band_block_q={self.band_block_q}, band_step={self.band_step})")
 
   def block_sizes(self, q_len, kv_len, rows_per_query: int = 1):
     """Tile ``(block_q, block_kv)`` for these lengths; ``rows_per_query`` is the number of score
@@ -571,35 +625,36 @@ class ChunkedBackend(base.Backend):
     bm = base.static_block_map(p, bq, bk)
     return bm, bq, bk
 
-  def band_plan(self, p: base.Problem, bm=None):
-    """The band computation for ``p`` when this backend uses it, else ``None``: ``(fine block
-    map [H|1, nq, nkf], block_q, band_step)``, the map's key blocks ``band_step`` positions
-    wide (see the class docstring)."""
+  def band_plan(self, p: base.Problem, bm=None) -> "BandPlan | None":
+    """The band computation for ``p`` when this backend uses it (see the class docstring),
+    else ``None``. ``bm`` is the tiled plan's block map, when already computed."""
     if self.band is False or (self.band is None and self.block_kv is not None):
       return None
+    bqb = min(self.band_block_q or _BAND_BLOCK_Q, _round_up(p.q_len, 8))
+    step = min(self.band_step, _round_up(p.kv_len, 8))
+    if self.band:
+      return _band_plan(p, bqb, step)
+    # Automatic: score elements computed, weighted by the heads of each group, by the band
+    # against the aligned tiles. The band computes at least every visible pair, so when the
+    # FULL tiles alone exceed the bound it cannot win, and its spans are not even computed
+    # (a fine block map is 8x the tiled one's size: seconds of tracing at T=65536).
     rows_per_query = p.batch * p.num_q_heads
     bq, bk = self.block_sizes(p.q_len, p.kv_len, rows_per_query)
     if bm is None:
       bm = base.static_block_map(p, bq, bk)
-    bqb = self.band_block_q or (self.block_q if self.block_q is not None
-                                else min(bq, _BAND_BLOCK_Q))
-    bqb = min(bqb, _round_up(p.q_len, 8))
-    step = min(self.band_step, _round_up(p.kv_len, 8))
-    fbm = base.static_block_map(p, bqb, step)
-    if self.band:
-      return fbm, bqb, step
-    # Automatic: scores computed (score-tile elements summed over head groups) by the band
-    # against the tiles, and the band tile's size against the tile budget.
-    tiled = sum(int(np.count_nonzero(g != masks_lib.EMPTY))
-                for _, g in _group_heads(bm)) * bq * bk
-    band, widest = 0, 0
-    for _, g in _group_heads(fbm):
-      first, width = _band_span(g, step)
-      band += int(np.count_nonzero(first >= 0)) * bqb * width
-      widest = max(widest, width)
-    if (band <= _BAND_MAX_WORK * tiled
-        and rows_per_query * bqb * widest <= _BAND_MAX_TILE * self.tile_budget):
-      return fbm, bqb, step
+    groups = _group_heads(bm)
+    tiled = sum(int(np.count_nonzero(g != masks_lib.EMPTY)) * len(hs) for hs, g in groups)
+    full = sum(int(np.count_nonzero(g == masks_lib.FULL)) * len(hs) for hs, g in groups)
+    if full > _BAND_MAX_WORK * tiled:
+      return None
+    plan = _band_plan(p, bqb, step)
+    heads_of = lambda hs: rows_per_query // p.batch if hs is None else len(hs)
+    tiled *= bq * bk * (p.num_q_heads if bm.shape[0] == 1 else 1)
+    band = sum(int(np.count_nonzero(first >= 0)) * bqb * width * heads_of(hs)
+               for hs, first, width in plan.groups)
+    biggest = max(p.batch * heads_of(hs) * bqb * width for hs, _, width in plan.groups)
+    if band <= _BAND_MAX_WORK * tiled and biggest <= _BAND_MAX_TILE * self.tile_budget:
+      return plan
     return None
 
   def describe(self, p: base.Problem) -> str:
@@ -609,9 +664,7 @@ class ChunkedBackend(base.Backend):
     if band is None:
       _, bq, bk = self.plan(p)
       return f"tiles {bq}x{bk}"
-    fbm, bqb, step = band
-    width = max(_band_span(g, step)[1] for _, g in _group_heads(fbm))
-    return f"band: {bqb} query rows x {width} keys"
+    return f"band: {band.block_q} query rows x {band.width} keys"
 
   def __call__(self, p: base.Problem):
     B, Tq, Hq, D = p.q.shape
@@ -620,8 +673,10 @@ class ChunkedBackend(base.Backend):
     bm, bq, bk = self.plan(p)
     band = self.band_plan(p, bm)
     if band is not None:
-      bm, bq, bk = band
-    nq, nk = bm.shape[1], bm.shape[2]
+      bq, bk = band.block_q, band.step
+      nq, nk = -(-Tq // bq), -(-Tk // bk)
+    else:
+      nq, nk = bm.shape[1], bm.shape[2]
     Tqp, Tkp = nq * bq, nk * bk
 
     q = _pad_axis(p.q, 1, Tqp)
@@ -640,7 +695,9 @@ class ChunkedBackend(base.Backend):
       qseg = kvseg = jnp.zeros((1,), jnp.int32)
     sinks = p.sinks if p.sinks is not None else jnp.zeros((Hq,), f32)
 
-    if bm.shape[0] == 1:
+    if band is not None:
+      groups = [(hs, (first, width)) for hs, first, width in band.groups]
+    elif bm.shape[0] == 1:
       groups = [(None, bm[0])]
     else:
       groups = _group_heads(bm)
@@ -657,7 +714,7 @@ class ChunkedBackend(base.Backend):
         kg, vg = jnp.take(k, heads // G, axis=2), jnp.take(v, heads // G, axis=2)
         hk, gg, head_ids = len(heads), 1, heads
       if band is not None:
-        first, tk = _band_span(gbm, bk)
+        first, tk = gbm
         tables = _band_tables(first, tk, Tkp)
       else:
         tk, tables = bk, _tile_tables(gbm, bk)
@@ -667,7 +724,7 @@ class ChunkedBackend(base.Backend):
                                (q_pos.shape[1], 1, bq, 1), (kv_pos.shape[0], 1, 1, tk))
       gparams = mod.pad_params(Tqp, Tkp) if mod is not None else ()
       cfg = _Config(
-          B=B, Hk=hk, G=gg, bq=bq, bk=tk, nq=nq, nk=nk, kv_len=Tk, scale=float(p.scale),
+          B=B, Hk=hk, G=gg, bq=bq, bk=tk, nq=nq, kv_len=Tk, scale=float(p.scale),
           mask=p.mask, heads=heads, head_ids=np.asarray(head_ids),
           tables=tables, band=band is not None,
           mod=mod, has_seg=has_seg, has_sinks=p.sinks is not None,

@@ -269,3 +269,27 @@ def test_harness_skips_only_declines():
   with pytest.raises(NotImplementedError, match="raising"):
     check_all(c, backends={"raising": Raising()})
   assert isinstance(aj.ProblemDeclined("x"), NotImplementedError)
+
+
+@pytest.mark.parametrize("impl", [i for i in IDS if i.startswith("chunked")])
+def test_tiled_parameter_grads_under_x64(impl):
+  """With x64 enabled (float64 inputs), gradients into parameters cut per tile (an additive
+  bias, low-rank bias factors) flow back through the tile scatter: its start indices share
+  one integer type."""
+  rng = np.random.default_rng(5)
+  with jax.enable_x64(True):
+    q = jnp.asarray(rng.normal(size=(1, 33, 2, 8)))
+    bias = jnp.asarray(rng.normal(size=(1, 2, 33, 33)))
+    u, w = (jnp.asarray(rng.normal(size=(1, 33, 2, 3))) for _ in range(2))
+
+    def loss(impl):
+      def f(bias, u, w):
+        out = aj.attention(q, q, q, bias=bias, mask=M.sliding_window(5, 5), impl=impl,
+                           score_mod=S.low_rank_bias(u, w))
+        return jnp.sum(jnp.sin(out))
+      return f
+
+    got = jax.grad(loss(_impl(impl)), argnums=(0, 1, 2))(bias, u, w)
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(bias, u, w)
+    for g, r in zip(got, want):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
