@@ -9,6 +9,10 @@ from attnjax import masks, scores
 from attnjax.api import (attention, available_backends, build_problem, register_backend,
                          select_backend)
 from attnjax.backends.base import Backend, Capabilities, ProblemDeclined
+from attnjax.backends.chunked import ChunkedBackend
+from attnjax.backends.pallas import PallasBackend
+from attnjax.backends.reference import ReferenceBackend
+from attnjax.backends.xla import XlaBackend
 
 __version__ = "0.1.0"
 
@@ -23,4 +27,6 @@ def __getattr__(name):
   raise AttributeError(f"module 'attnjax' has no attribute {name!r}")
 
 __all__ = ["attention", "masks", "scores", "available_backends", "register_backend",
-           "select_backend", "build_problem", "Backend", "Capabilities", "ProblemDeclined", "layers", "parallel", "__version__"]
+           "select_backend", "build_problem", "Backend", "Capabilities", "ProblemDeclined",
+           "ChunkedBackend", "PallasBackend", "ReferenceBackend", "XlaBackend", "layers",
+           "parallel", "__version__"]

@@ -34,6 +34,9 @@ def register_backend(name: str, backend: base.Backend) -> None:
 
 
 def available_backends() -> dict[str, base.Backend]:
+  """The registered backends by name (``impl=`` accepts these names): ``reference``, ``xla``,
+  ``chunked``, ``pallas_tpu``, ``pallas_gpu`` and any added with :func:`register_backend`. A
+  copy: changing it does not register anything."""
   return dict(_BACKENDS)
 
 
@@ -85,6 +88,13 @@ def _positions(name, x, batch, length):
   return x
 
 
+def _concrete(x):
+  """``x`` as numpy when it is concrete, else None (traced values cannot be checked)."""
+  if x is None or isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
 def build_problem(q, k, v, *, mask=None, score_mod=None, bias=None, sinks=None,
                   segment_ids=None, kv_segment_ids=None, scale=None, return_lse=False,
                   q_positions=None, kv_positions=None) -> base.Problem:
@@ -126,6 +136,7 @@ def build_problem(q, k, v, *, mask=None, score_mod=None, bias=None, sinks=None,
     mask.validate(Tq, Tk, Hq)
   else:  # explicit positions: lengths are local (a shard, a cache); check heads only
     mask.validate(None, None, Hq)
+    mask.validate_positions(*(_concrete(x) for x in (q_positions, kv_positions)))
   mod = scores_lib.as_score_mod(score_mod)
 
   has_bias = bias is not None
@@ -138,6 +149,9 @@ def build_problem(q, k, v, *, mask=None, score_mod=None, bias=None, sinks=None,
                        f"each dimension equal or 1, got {_shape_str(bias)}")
     mod = scores_lib.chain(scores_lib.additive_bias(bias), mod) if mod else (
         scores_lib.additive_bias(bias))
+
+  if mod is not None:
+    mod.check_params(B, Hq, Tq, Tk)
 
   if sinks is not None:
     sinks = _as_array("sinks", sinks)
@@ -239,7 +253,8 @@ def attention(q, k, v, *, mask=None, score_mod=None, bias=None, sinks=None, segm
   Args:
     q: ``[B, Tq, Hq, D]`` queries. k: ``[B, Tk, Hkv, D]`` keys. v: ``[B, Tk, Hkv, Dv]`` values.
       ``Hq`` must be a multiple of ``Hkv`` (query head ``h`` uses key/value head
-      ``h // (Hq // Hkv)``: GQA/MQA); ``Dv`` may differ from ``D``. One floating dtype for all.
+      ``h // (Hq // Hkv)``: GQA/MQA); ``Dv`` may differ from ``D``. One floating dtype for all;
+      logits and accumulators are float32 (float64 for float64 inputs).
     mask: an :mod:`attnjax.masks` mask (or a list of masks, one per query head). Evaluated at
       positions: query row ``i`` is at ``Tk - Tq + i`` and key ``j`` at ``j`` (bottom-right
       alignment) unless ``q_positions``/``kv_positions`` say otherwise.
@@ -247,7 +262,9 @@ def attention(q, k, v, *, mask=None, score_mod=None, bias=None, sinks=None, segm
       kv_idx)``, or a list applied in order), applied to ``scale * q.k + bias``.
     bias: additive float bias broadcastable to ``[B, Hq, Tq, Tk]`` (receives gradients).
     sinks: ``[Hq]`` float logits of a per-head sink that joins the softmax denominator and
-      contributes no value (gpt-oss attention sinks); receives gradients.
+      contributes no value: attention sinks (Xiao et al. 2024, "Efficient Streaming Language
+      Models with Attention Sinks") as learnable per-head logits, as in gpt-oss; receives
+      gradients.
     segment_ids: int ``[B, Tq]``; a query attends only to keys with the same id. Alone it also
       labels the keys (self-attention packing, needs ``Tq == Tk``).
     kv_segment_ids: int ``[B, Tk]`` for cross attention.

@@ -97,6 +97,15 @@ class Mask:
     are None when the caller gives explicit positions (e.g. one shard of a longer sequence):
     then only head-count constraints are checked."""
 
+  def validate_positions(self, q_pos: np.ndarray | None, kv_pos: np.ndarray | None) -> None:
+    """Raise ``ValueError`` if concrete explicit positions (numpy, any shape; None when not
+    given) lie where this mask is undefined. Composite masks ask their parts."""
+    for child in self._children():
+      child.validate_positions(q_pos, kv_pos)
+
+  def _children(self):
+    return ()
+
   # ----------------------------------------------------------------------------- block maps
   def block_map(self, q_len: int, kv_len: int, block_q: int, block_kv: int, *,
                 q_offset: int | None = None, kv_offset: int = 0,
@@ -332,25 +341,32 @@ def causal(offset: int = 0) -> Mask:
 def sliding_window(left: int, right: int = 0) -> Mask:
   """Local window: query ``i`` sees keys ``i - left <= j <= i + right`` (both inclusive).
 
-  ``sliding_window(w - 1, 0)`` is the causal window of ``w`` tokens used by Mistral/Gemma
-  (compose with nothing else: it is already causal when ``right == 0``)."""
+  Sliding-window attention of Longformer (Beltagy et al. 2020, "Longformer: The
+  Long-Document Transformer"); ``sliding_window(w - 1, 0)`` is the causal window of ``w``
+  tokens of Mistral 7B (Jiang et al. 2023) and Gemma 2's local layers (compose with nothing
+  else: it is already causal when ``right == 0``)."""
   return SlidingWindow(_check_int("left", left, 0), _check_int("right", right, 0))
 
 
 def chunked(size: int) -> Mask:
-  """Block-diagonal attention within chunks of ``size`` positions (Llama-4 chunked attention
-  uses ``causal() & chunked(size)``)."""
+  """Block-diagonal attention within chunks of ``size`` positions: query ``i`` sees key ``j``
+  iff ``j // size == i // size``. Llama 4's chunked local attention layers (Meta 2025, "The
+  Llama 4 herd", interleaved with global layers in iRoPE) use ``causal() & chunked(8192)``."""
   return Chunked(_check_int("size", size, 1))
 
 
 def block_causal(block: int) -> Mask:
-  """Block-causal mask (e.g. block diffusion / frame-causal video): ``j // block <= i // block``."""
+  """Block-causal mask: ``j // block <= i // block`` (full attention within a block, causal
+  across blocks), as in block diffusion (Arriola et al. 2025, "Block Diffusion: Interpolating
+  Between Autoregressive and Diffusion Language Models") and frame-causal video models."""
   return BlockCausal(_check_int("block", block, 1))
 
 
 def prefix_lm(prefix_len: int) -> Mask:
-  """Prefix-LM (T5/UL2, PaliGemma): full attention inside the first ``prefix_len`` positions,
-  causal afterwards."""
+  """Prefix-LM: key ``j`` is visible from query ``i`` iff ``j < prefix_len`` or ``j <= i``
+  (full attention inside the prefix, causal afterwards): the prefix LM of UniLM (Dong et al.
+  2019) and T5 (Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified
+  Text-to-Text Transformer"), also used by UL2 and PaliGemma."""
   return PrefixLM(_check_int("prefix_len", prefix_len, 0))
 
 
@@ -360,6 +376,7 @@ def prefix_lm(prefix_len: int) -> Mask:
 
 @dataclasses.dataclass(frozen=True)
 class And(Mask):
+  """``a & b``: visible where both masks are (built by ``&``)."""
   a: Mask
   b: Mask
 
@@ -382,6 +399,9 @@ class And(Mask):
     self.a.validate(q_len, kv_len, num_heads)
     self.b.validate(q_len, kv_len, num_heads)
 
+  def _children(self):
+    return (self.a, self.b)
+
   def _block_map(self, q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads):
     if num_heads is None and self._interval(q_pos[:1]) is not None:
       return super()._block_map(q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads)
@@ -395,6 +415,7 @@ class And(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class Or(Mask):
+  """``a | b``: visible where either mask is (built by ``|``)."""
   a: Mask
   b: Mask
 
@@ -411,6 +432,9 @@ class Or(Mask):
     self.a.validate(q_len, kv_len, num_heads)
     self.b.validate(q_len, kv_len, num_heads)
 
+  def _children(self):
+    return (self.a, self.b)
+
   def _block_map(self, q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads):
     if q_pos.size * kv_pos.size * (num_heads or 1) <= _EXACT_EVAL_LIMIT:
       return _dense_block_map(self, q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads)
@@ -422,6 +446,7 @@ class Or(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class Not(Mask):
+  """``~a``: visible where ``a`` is not (padding stays masked; built by ``~``)."""
   a: Mask
 
   def __post_init__(self):
@@ -435,6 +460,9 @@ class Not(Mask):
 
   def validate(self, q_len, kv_len, num_heads):
     self.a.validate(q_len, kv_len, num_heads)
+
+  def _children(self):
+    return (self.a,)
 
   def _block_map(self, q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads):
     if q_pos.size * kv_pos.size * (num_heads or 1) <= _EXACT_EVAL_LIMIT:
@@ -494,6 +522,9 @@ class PerHead(Mask):
     for m in self.masks:
       m.validate(q_len, kv_len, num_heads)
 
+  def _children(self):
+    return tuple(self.masks)
+
   def _block_map(self, q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads):
     if num_heads != len(self.masks):
       raise ValueError(f"per_head mask holds {len(self.masks)} masks but num_heads={num_heads}; "
@@ -524,6 +555,7 @@ def per_head(masks: Sequence[Mask]) -> Mask:
 
 @dataclasses.dataclass(frozen=True)
 class StridedHeads(Mask):
+  """S2-Attention's per-head context shards; see :func:`strided_heads`."""
   stride: int
   local_window: int = 0
   block: int = 1
@@ -584,6 +616,7 @@ def _na_axis(xp, qi, kj, length, k, d, s, is_causal):
 
 @dataclasses.dataclass(frozen=True)
 class Neighborhood(Mask):
+  """NATTEN-semantics neighborhood on a row-major token grid; see :func:`neighborhood`."""
   spatial_shape: tuple
   kernel_size: tuple
   dilation: tuple
@@ -702,6 +735,7 @@ def neighborhood(spatial_shape, kernel_size, dilation=1, stride=1, causal=False)
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class FromFunction(Mask):
+  """A user mask function; see :func:`from_function`."""
   fn: Callable
   takes_head: bool = False
 
@@ -712,13 +746,26 @@ class FromFunction(Mask):
     if self.takes_head:
       if h is None:
         raise ValueError("this mask function takes a head index: call mask_mod(q, k, head)")
-      return self.fn(h, q, k)
-    return self.fn(q, k)
+      return self._checked(self.fn(h, q, k))
+    return self._checked(self.fn(q, k))
+
+  def _checked(self, out):
+    # Visibility is combined with '&' (masks, padding, segment ids): an integer result would
+    # combine bitwise (2 & True == 0) and silently hide keys, so only booleans are accepted.
+    if isinstance(out, (bool, np.bool_)):
+      return np.bool_(out)
+    dtype = getattr(out, "dtype", None)
+    if dtype is None or dtype != np.bool_:
+      got = f"dtype {dtype}" if dtype is not None else type(out).__name__
+      raise TypeError(f"masks.from_function: the mask function {_fn_name(self.fn)} must return a "
+                      f"boolean array (True = visible), got {got}; compare instead, e.g. "
+                      f"`(kv_idx <= q_idx)`, or cast with `.astype(bool)`")
+    return out
 
   def _np_eval(self, q, k, h):
     with jax.ensure_compile_time_eval():
       args = [jnp.asarray(x) for x in ((h, q, k) if self.takes_head else (q, k))]
-      out = self.fn(*args)
+      out = self._checked(self.fn(*args))
     return np.asarray(out, dtype=bool)
 
   def __hash__(self):
@@ -729,11 +776,17 @@ class FromFunction(Mask):
             and other.takes_head == self.takes_head)
 
 
+def _fn_name(fn) -> str:
+  return repr(getattr(fn, "__qualname__", None) or type(fn).__name__)
+
+
 def from_function(fn: Callable, *, per_head: bool = False) -> Mask:
   """Wrap a user ``mask_mod(q_idx, kv_idx) -> bool`` (``mask_mod(head, q_idx, kv_idx)`` with
-  ``per_head=True``). It receives broadcastable integer position arrays and must use ``jnp``
-  operations (no Python control flow on values). Its block map is computed by evaluating it
-  once per problem shape at trace time."""
+  ``per_head=True``), FlexAttention's ``mask_mod`` (Dong et al. 2024, "Flex Attention: A
+  Programming Model for Generating Optimized Attention Kernels"). It receives broadcastable
+  integer position arrays and must use ``jnp`` operations (no Python control flow on values)
+  and return a boolean array (``True`` = visible; other dtypes raise ``TypeError``). Its block
+  map is computed by evaluating it once per problem shape at trace time."""
   if not callable(fn):
     raise TypeError(f"from_function needs a callable mask_mod, got {type(fn).__name__}")
   return FromFunction(fn, bool(per_head))
@@ -741,6 +794,7 @@ def from_function(fn: Callable, *, per_head: bool = False) -> Mask:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dense(Mask):
+  """A given boolean ``[Tq, Tk]`` array; see :func:`dense`."""
   array: np.ndarray
   digest: str
 
@@ -758,6 +812,17 @@ class Dense(Mask):
       raise ValueError(f"dense mask has shape {self.array.shape} but the problem is "
                        f"[Tq, Tk] = [{q_len}, {kv_len}]; they must match")
 
+  def validate_positions(self, q_pos, kv_pos):
+    tq, tk = self.array.shape
+    for name, pos, lo, hi in (("q_positions", q_pos, tk - tq, tk), ("kv_positions", kv_pos, 0, tk)):
+      if pos is not None and pos.size and (pos.min() < lo or pos.max() >= hi):
+        raise ValueError(
+            f"{name} span [{pos.min()}, {pos.max()}], but the dense mask of shape "
+            f"{list(self.array.shape)} covers {'query' if name[0] == 'q' else 'key'} positions "
+            f"[{lo}, {hi - 1}] "
+            f"(query rows are bottom-right aligned: row = position - (Tk - Tq)); give a mask "
+            f"covering every position")
+
   def __hash__(self):
     return hash((Dense, self.digest))
 
@@ -770,7 +835,12 @@ class Dense(Mask):
 
 def dense(array) -> Mask:
   """A given boolean ``[Tq, Tk]`` mask (``True`` = visible). Must be concrete (numpy or a
-  non-traced array); for traced, data-dependent masks use ``bias`` or ``segment_ids``."""
+  non-traced array); for traced, data-dependent masks use ``bias`` or ``segment_ids``.
+
+  Row ``i`` is query position ``i + Tk - Tq`` (bottom-right aligned, like every mask) and
+  column ``j`` key position ``j``. With explicit ``q_positions``/``kv_positions``, concrete
+  positions outside the array raise ``ValueError``; traced ones cannot be checked, and a
+  position outside the array sees nothing."""
   if isinstance(array, jax.core.Tracer):
     raise TypeError("masks.dense needs a concrete array (it builds a static block map); got a "
                     "traced value. Pass traced masks as an additive `bias` instead")

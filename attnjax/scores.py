@@ -22,6 +22,7 @@ Row-aligned params (``bias``, ``low_rank_bias``) index query *rows* ``0..Tq-1`` 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Callable
 
@@ -29,6 +30,8 @@ import jax
 import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
+
+from attnjax.masks import _check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,23 +57,52 @@ class ScoreMod:
   """A score modification with differentiable parameters (see the module docstring)."""
 
   def __init__(self, fn: Callable, params=(), tiling=None, name: str = "score_mod",
-               raw_fn: Callable | None = None):
+               raw_fn: Callable | None = None, labels=None):
     self.fn = fn
     self.params = params
     self.tiling = tiling if tiling is not None else jax.tree.map(lambda _: GLOBAL, params)
     self.name = name
     self.raw_fn = raw_fn  # user function awaiting closure conversion (from_function)
+    # One name per param (same tree as the tiling), used in error messages.
+    if labels is None:
+      leaves, tdef = jax.tree.flatten(self.tiling, is_leaf=_is_tiling)
+      labels = tdef.unflatten([f"{name} parameter {i}" for i in range(len(leaves))])
+    self.labels = labels
 
   def tree_flatten(self):
-    return (self.params,), (self.fn, self.tiling, self.name, self.raw_fn)
+    return (self.params,), (self.fn, self.tiling, self.name, self.raw_fn, self.labels)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    fn, tiling, name, raw_fn = aux
+    fn, tiling, name, raw_fn, labels = aux
     obj = object.__new__(cls)
-    obj.fn, obj.tiling, obj.name, obj.raw_fn = fn, tiling, name, raw_fn
+    obj.fn, obj.tiling, obj.name, obj.raw_fn, obj.labels = fn, tiling, name, raw_fn, labels
     obj.params = children[0]
     return obj
+
+  def check_params(self, batch: int, q_heads: int, q_len: int, kv_len: int) -> None:
+    """Raise ``ValueError`` unless every tiled axis of every param fits the problem: query-row
+    axes have size ``q_len`` or 1, key-row axes ``kv_len`` or 1, head axes ``q_heads`` or 1 and
+    batch axes ``batch`` or 1 (1 broadcasts). Backends cut params along these axes tile by
+    tile, where a wrong size would be padded or clipped silently."""
+    tilings, tdef = jax.tree.flatten(self.tiling, is_leaf=_is_tiling)
+    params = tdef.flatten_up_to(self.params)
+    labels = tdef.flatten_up_to(self.labels)
+    for t, p, label in zip(tilings, params, labels):
+      shape = tuple(np.shape(p))
+      for axis, what, size in ((t.q_axis, "query rows Tq", q_len),
+                               (t.kv_axis, "key rows Tk", kv_len),
+                               (t.head_axis, "query heads Hq", q_heads),
+                               (t.batch_axis, "batch B", batch)):
+        if axis is None:
+          continue
+        if axis >= len(shape):
+          raise ValueError(f"{label} has shape {list(shape)}, but its axis {axis} should follow "
+                           f"the {what} ({size}): it needs rank > {axis}")
+        if shape[axis] not in (1, size):
+          raise ValueError(f"{label} has shape {list(shape)}: its axis {axis} follows the "
+                           f"{what} and must have size {size} (or 1 to broadcast), got "
+                           f"{shape[axis]}")
 
   def __repr__(self):
     return f"ScoreMod({self.name})"
@@ -96,14 +128,24 @@ class ScoreMod:
     if len(jaxpr.outvars) != 1:
       raise ValueError(f"score_mod {self.name!r} must return one array, got "
                        f"{len(jaxpr.outvars)} outputs")
+    out_shape = tuple(jaxpr.outvars[0].aval.shape)
+    try:
+      fits = jnp.broadcast_shapes(out_shape, tuple(score_shape)) == tuple(score_shape)
+    except ValueError:
+      fits = False
+    if not fits:
+      raise ValueError(f"score_mod {self.name!r} must return the score's shape "
+                       f"{list(score_shape)} (or one that broadcasts to it), got "
+                       f"{list(out_shape)}")
 
     def fn(params, s, bb, h, q, k):
       run = jex_core.jaxpr_as_fun(jex_core.ClosedJaxpr(jaxpr, list(params)))
       (out,) = run(s, bb.astype(jnp.int32), h.astype(jnp.int32), q.astype(jnp.int32),
                    k.astype(jnp.int32))
-      return jnp.asarray(out).astype(s.dtype)
+      return jnp.broadcast_to(jnp.asarray(out).astype(s.dtype), s.shape)
 
-    return ScoreMod(fn, consts, None, self.name)
+    return ScoreMod(fn, consts, None, self.name,
+                    labels=tuple(f"{self.name} captured array {i}" for i in range(len(consts))))
 
   def pad_params(self, q_len_padded: int, kv_len_padded: int):
     """Params with their q/kv axes zero-padded to the padded problem size."""
@@ -198,9 +240,17 @@ def _as_float_param(name, x, ndim_allowed):
 
 def softcap(cap: float) -> ScoreMod:
   """Logit soft-capping ``cap * tanh(score / cap)`` (Gemma 2; Bello et al. 2016)."""
-  if not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+  if isinstance(cap, (bool, np.bool_)) or np.ndim(cap) != 0:
+    raise TypeError(f"softcap cap must be a positive finite number (a static scalar), got "
+                    f"{cap!r}")
+  try:
+    value = float(cap)
+  except Exception as e:  # a traced value: the cap is baked into the kernel
+    raise TypeError(f"softcap cap must be a static Python/numpy number, not a traced value "
+                    f"({type(cap).__name__})") from e
+  if not math.isfinite(value) or value <= 0:
     raise ValueError(f"softcap cap must be a positive finite number, got {cap!r}")
-  cap = float(cap)
+  cap = value
 
   def fn(params, s, b, h, q, k):
     return cap * jnp.tanh(s / cap)
@@ -213,8 +263,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
   def pow2(n):
     start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
     return [start * start ** i for i in range(n)]
-  if num_heads < 1:
-    raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+  num_heads = _check_int("alibi_slopes num_heads", num_heads, 1)
   p = 2 ** math.floor(math.log2(num_heads))
   slopes = pow2(p)
   if p < num_heads:
@@ -236,7 +285,7 @@ def alibi(slopes, *, symmetric: bool = False) -> ScoreMod:
       dist = -jnp.abs(dist)
     return s + sl.astype(s.dtype)[None, :, None, None] * dist
 
-  return ScoreMod(fn, (slopes,), (Tiling(head_axis=0),), "alibi")
+  return ScoreMod(fn, (slopes,), (Tiling(head_axis=0),), "alibi", labels=("alibi slopes",))
 
 
 def t5_relative_bucket(rel, *, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -269,9 +318,7 @@ def relative_bias(table, max_distance: int, *, mode: str = "clipped",
   ``num_buckets = table.shape[-1]``. ``table`` is ``[H, num_buckets]`` (per head) or
   ``[num_buckets]`` (shared)."""
   table = _as_float_param("relative_bias table", table, {1, 2})
-  md = int(max_distance)
-  if md < 1:
-    raise ValueError(f"relative_bias max_distance must be >= 1, got {max_distance}")
+  md = _check_int("relative_bias max_distance", max_distance, 1)
   nb = table.shape[-1]
   if mode == "clipped":
     need = 2 * md + 1 if bidirectional else md + 1
@@ -300,7 +347,8 @@ def relative_bias(table, max_distance: int, *, mode: str = "clipped",
     return s + table_bias(tab.astype(s.dtype), bucket, q, k)
 
   tiling = (Tiling(head_axis=0),) if per_head else (GLOBAL,)
-  return ScoreMod(fn, (table,), tiling, f"relative_bias({mode})")
+  return ScoreMod(fn, (table,), tiling, f"relative_bias({mode})",
+                  labels=("relative_bias table",))
 
 
 def low_rank_bias(u, w) -> ScoreMod:
@@ -322,7 +370,8 @@ def low_rank_bias(u, w) -> ScoreMod:
 
   return ScoreMod(fn, (u, w), (Tiling(q_axis=1, head_axis=2, batch_axis=0),
                           Tiling(kv_axis=1, head_axis=2, batch_axis=0)),
-                  "low_rank_bias")
+                  "low_rank_bias", labels=("low_rank_bias u [B, Tq, H, R]",
+                                           "low_rank_bias w [B, Tk, H, R]"))
 
 
 def additive_bias(bias) -> ScoreMod:
@@ -333,18 +382,31 @@ def additive_bias(bias) -> ScoreMod:
     return s + bb.astype(s.dtype)
 
   return ScoreMod(fn, (bias,), (Tiling(q_axis=2, kv_axis=3, head_axis=1, batch_axis=0),),
-                   "bias")
+                   "bias", labels=("bias [B, Hq, Tq, Tk]",))
 
 
 def from_function(fn: Callable, name: str | None = None) -> ScoreMod:
-  """Wrap a user ``fn(score, batch, head, q_idx, kv_idx) -> score`` (FlexAttention style).
+  """Wrap a user ``fn(score, batch, head, q_idx, kv_idx) -> score``: FlexAttention's
+  ``score_mod`` (Dong et al. 2024, "Flex Attention: A Programming Model for Generating
+  Optimized Attention Kernels"). It must return the score's shape (or one broadcasting to it).
 
   It receives broadcastable arrays (see the module docstring) and must use ``jnp`` operations.
   Arrays it captures (e.g. a table indexed by ``head``) receive gradients: they are hoisted
   into params by closure conversion when the backend binds the mod to its tile shape."""
   if not callable(fn):
     raise TypeError(f"scores.from_function needs a callable, got {type(fn).__name__}")
-  return ScoreMod(None, (), None, name or getattr(fn, "__name__", "score_mod"), raw_fn=fn)
+  name = name or getattr(fn, "__name__", "score_mod")
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):   # builtins and some C callables have none: checked at use
+    sig = None
+  if sig is not None:
+    try:
+      sig.bind(*range(5))
+    except TypeError as e:
+      raise TypeError(f"score_mod {name!r} must take five arguments (score, batch, head, q_idx, "
+                      f"kv_idx), but its signature is {sig}: {e}") from None
+  return ScoreMod(None, (), None, name, raw_fn=fn)
 
 
 def chain(*mods: ScoreMod) -> ScoreMod:
@@ -365,7 +427,8 @@ def chain(*mods: ScoreMod) -> ScoreMod:
     return s
 
   return ScoreMod(fn, tuple(m.params for m in mods), tuple(m.tiling for m in mods),
-                  "chain(" + ", ".join(m.name for m in mods) + ")")
+                  "chain(" + ", ".join(m.name for m in mods) + ")",
+                  labels=tuple(m.labels for m in mods))
 
 
 class _LazyChain(ScoreMod):
@@ -373,7 +436,8 @@ class _LazyChain(ScoreMod):
 
   def __init__(self, mods):
     super().__init__(None, tuple(m.params for m in mods), tuple(m.tiling for m in mods),
-                     "chain(" + ", ".join(m.name for m in mods) + ")", raw_fn=None)
+                     "chain(" + ", ".join(m.name for m in mods) + ")", raw_fn=None,
+                     labels=tuple(m.labels for m in mods))
     self.mods = mods
 
   def tree_flatten(self):
@@ -394,7 +458,7 @@ def as_score_mod(score_mod) -> ScoreMod | None:
   if isinstance(score_mod, ScoreMod):
     return score_mod
   if isinstance(score_mod, (list, tuple)):
-    return chain(*score_mod)
+    return chain(*(as_score_mod(m) for m in score_mod))
   if callable(score_mod):
     return from_function(score_mod)
   raise TypeError(f"score_mod must be an attnjax.scores.ScoreMod, a callable "

@@ -176,3 +176,95 @@ def test_auto_selects_capable_backend():
   long_q, long_k, long_v = _qkv(B=1, Tq=2048, Tk=2048, Hq=1, Hkv=1)
   p = aj.build_problem(long_q, long_k, long_v, mask=M.causal())
   assert aj.select_backend(p, "auto").name == "chunked"
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "reference"])
+def test_score_mod_param_shapes_are_checked(impl):
+  """Params cut tile by tile must fit the problem: a wrong size was padded, clipped or gave NaN
+  in chunked (per-head masks) instead of an error."""
+  q, k, v = _qkv(B=2, Tq=8, Tk=8, Hq=4, Hkv=2)
+  per_head = [M.causal()] * 2 + [M.full()] * 2
+  cases = [
+      (S.alibi(S.alibi_slopes(2)), r"alibi slopes has shape \[2\]: its axis 0 follows the query "
+                                   r"heads Hq and must have size 4 \(or 1 to broadcast\), got 2"),
+      (S.low_rank_bias(jnp.ones((2, 5, 4, 3)), jnp.ones((2, 8, 4, 3))),
+       r"low_rank_bias u \[B, Tq, H, R\] has shape \[2, 5, 4, 3\]: its axis 1 follows the query "
+       r"rows Tq and must have size 8"),
+      (S.low_rank_bias(jnp.ones((1, 8, 1, 3)), jnp.ones((3, 8, 4, 3))),
+       r"low_rank_bias w .* axis 0 follows the batch B and must have size 2"),
+      (S.relative_bias(jnp.ones((3, 9)), 4), r"relative_bias table has shape \[3, 9\]"),
+      ([S.softcap(2.0), S.alibi(jnp.ones(3))], r"alibi slopes has shape \[3\]"),
+  ]
+  for mod, match in cases:
+    for mask in (M.causal(), per_head):
+      with pytest.raises(ValueError, match=match):
+        aj.attention(q, k, v, mask=mask, score_mod=mod, impl=impl)
+  # Size 1 broadcasts; full sizes pass.
+  ok = [S.alibi(jnp.ones(1)), S.low_rank_bias(jnp.ones((1, 8, 1, 3)), jnp.ones((2, 8, 4, 3)))]
+  out = aj.attention(q, k, v, mask=per_head, score_mod=ok, impl=impl)
+  assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_mask_function_must_return_bool():
+  """An int result combined bitwise with padding and segment masks (2 & True == 0) and hid
+  every key in chunked while xla treated it as visible."""
+  q, k, v = _qkv()
+  for fn, got in ((lambda i, j: (j <= i).astype(jnp.int32) * 2, "int32"),
+                  (lambda i, j: (j <= i) * 1.0, "float32")):
+    for impl in ("xla", "chunked", "reference"):
+      with pytest.raises(TypeError, match=f"must return a boolean array .*got dtype {got}"):
+        aj.attention(q, k, v, mask=M.from_function(fn), impl=impl)
+  out = aj.attention(q, k, v, mask=M.from_function(lambda i, j: True), impl="chunked")
+  want = aj.attention(q, k, v, impl="reference")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_dense_mask_checks_concrete_positions():
+  q, k, v = _qkv(Tq=16, Tk=16)
+  small = M.dense(np.tril(np.ones((8, 8), bool)))
+  with pytest.raises(ValueError, match=r"q_positions span \[0, 15\], but the dense mask of "
+                                       r"shape \[8, 8\] covers query positions \[0, 7\]"):
+    aj.attention(q, k, v, mask=small, q_positions=np.arange(16), kv_positions=np.arange(16))
+  with pytest.raises(ValueError, match=r"kv_positions span \[0, 15\]"):
+    aj.attention(q, k, v, mask=small & M.causal(), q_positions=np.arange(16) // 2,
+                 kv_positions=np.arange(16))
+  # Inside the mask: accepted, and equal to the dense mask applied to those positions.
+  pos = np.arange(16) // 2
+  out = aj.attention(q, k, v, mask=small, q_positions=pos, kv_positions=pos, impl="chunked")
+  want = aj.attention(q, k, v, bias=jnp.where(np.tril(np.ones((8, 8), bool))[pos][:, pos],
+                                              0.0, -jnp.inf)[None, None], impl="reference")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_score_mod_constructor_arguments():
+  assert S.softcap(np.float32(30.0)).name == "softcap(30.0)"
+  assert S.softcap(jnp.float32(30.0)).name == "softcap(30.0)"
+  with pytest.raises(TypeError, match="softcap cap must be a positive finite number"):
+    S.softcap(True)
+  with pytest.raises(TypeError, match="relative_bias max_distance must be an int, got 4.9"):
+    S.relative_bias(jnp.zeros((2, 9)), 4.9)
+  with pytest.raises(TypeError, match="alibi_slopes num_heads must be an int, got 6.5"):
+    S.alibi_slopes(6.5)
+  with pytest.raises(ValueError, match="alibi_slopes num_heads must be >= 1"):
+    S.alibi_slopes(0)
+
+
+def test_user_score_mod_signature_and_output_shape():
+  q, k, v = _qkv()
+  with pytest.raises(TypeError, match=r"score_mod '<lambda>' must take five arguments .*"
+                                      r"\(s, b, h\)"):
+    aj.attention(q, k, v, score_mod=lambda s, b, h: s)
+  with pytest.raises(ValueError, match=r"must return the score's shape \[2, 4, 8, 8\] .*got "
+                                       r"\[2, 4, 8, 3\]"):
+    aj.attention(q, k, v, score_mod=lambda s, b, h, i, j: s[..., :3], impl="xla")
+  # A result that broadcasts (here a constant: uniform attention) is broadcast.
+  for impl in ("xla", "chunked"):
+    out = aj.attention(q, k, v, score_mod=lambda s, b, h, i, j: jnp.float32(0.0), impl=impl)
+    want = jnp.repeat(jnp.mean(v, axis=1, keepdims=True), 2, axis=2)
+    np.testing.assert_allclose(np.asarray(out), np.broadcast_to(want, out.shape), rtol=1e-5,
+                               atol=1e-6)
+  # Lists may mix ScoreMods and plain functions.
+  out = aj.attention(q, k, v, score_mod=[S.softcap(5.0), lambda s, b, h, i, j: s * 0.5])
+  want = aj.attention(q, k, v, score_mod=lambda s, b, h, i, j: 2.5 * jnp.tanh(s / 5.0),
+                      impl="reference")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -228,6 +228,12 @@ def visibility(p: Problem, q_pos, kv_pos, heads, xp=jnp):
   return vis
 
 
+def accumulation_dtype(dtype):
+  """The dtype of logits, softmax statistics and accumulators for inputs of ``dtype``:
+  float32 for float32 and narrower (bfloat16, float16), float64 for float64 (under x64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def index_grids(p: Problem, q_pos, kv_pos, heads):
   """Broadcastable index arrays for score mods: batch, head, q_idx, kv_idx."""
   b = jnp.arange(p.batch, dtype=jnp.int32)[:, None, None, None]

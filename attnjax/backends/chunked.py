@@ -4,7 +4,8 @@ Work follows the mask's static block map: EMPTY blocks are never visited, FULL b
 evaluation, PARTIAL blocks evaluate ``mask_mod`` on the tile's index grid. The forward pass is a
 ``lax.scan`` over query blocks; for each, inner loops run over that block's FULL and PARTIAL key
 blocks, with trip counts and tile start positions read from per-row visit tables built from the
-block map, and the running max, denominator and output accumulator (float32) stay local to the
+block map, and the running max, denominator and output accumulator (float32; float64 for
+float64 inputs) stay local to the
 query block. Memory is ``O(T * D)`` and time is proportional to the number of non-empty blocks.
 Segment ids add a run-time skip: a tile whose query and key segment-id ranges are disjoint for
 the whole batch costs a branch, not a tile. By default the forward keeps each row's maximum
@@ -82,15 +83,16 @@ class _Config:
   mod: Any                      # bound ScoreMod or None
   has_seg: bool
   has_sinks: bool
+  acc: Any = jnp.float32        # logits, softmax state and accumulators (float64 inputs: float64)
   fixed_max: bool = False       # forward: row max fixed after the first tile (see _forward)
   on_visit: Any = None          # debugging hook, see ChunkedBackend
 
 
 def _tile_logits(cfg: _Config, qt, kt):
-  """Logits of one tile, ``[B, Hs, bq, bk]`` float32, from pre-scaled queries ``qt``
+  """Logits of one tile, ``[B, Hs, bq, bk]`` in ``cfg.acc``, from pre-scaled queries ``qt``
   ``[B, Hk, G*bq, D]`` and keys ``kt`` ``[B, Hk, bk, D]`` (XLA:CPU runs this transposed-RHS
   matmul as fast as with keys transposed to ``[D, bk]``, so the tile copy leaves them rows)."""
-  s = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=f32)
+  s = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=cfg.acc)
   return s.reshape(cfg.B, cfg.Hk * cfg.G, cfg.bq, cfg.bk)
 
 
@@ -178,8 +180,8 @@ def _q_tile(x, i, cfg: _Config, scale=False):
 
 
 def _row_sinks(cfg: _Config, sinks):
-  """Sink logit of every query row of a block: [Hk, G*bq] float32."""
-  per_head = sinks.astype(f32)[cfg.head_ids].reshape(cfg.Hk, cfg.G)
+  """Sink logit of every query row of a block: [Hk, G*bq] in ``cfg.acc``."""
+  per_head = sinks.astype(cfg.acc)[cfg.head_ids].reshape(cfg.Hk, cfg.G)
   return jnp.repeat(per_head, cfg.bq, axis=1)
 
 
@@ -283,7 +285,7 @@ def _visit(cfg: _Config, kind: str, i, k0):
 
 
 def _prescale(q, cfg: _Config):
-  return (q.astype(f32) * cfg.scale).astype(q.dtype)
+  return (q.astype(cfg.acc) * cfg.scale).astype(q.dtype)
 
 
 # ------------------------------------------------------------------------------------ forward
@@ -310,7 +312,7 @@ def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
       # m_old stays the row's reference maximum: no max reduction, no rescaling.
       p = jnp.exp(s - m_old[..., None])
       pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _kv_tile(v, k0, cfg),
-                      preferred_element_type=f32)
+                      preferred_element_type=cfg.acc)
       return m_old, l_old + p.sum(axis=-1), a_old + pv
     m_new = jnp.maximum(m_old, s.max(axis=-1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -318,7 +320,7 @@ def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
     p = jnp.exp(s - m_safe[..., None])
     l_new = alpha * l_old + p.sum(axis=-1)
     pv = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), _kv_tile(v, k0, cfg),
-                    preferred_element_type=f32)
+                    preferred_element_type=cfg.acc)
     return m_new, l_new, alpha[..., None] * a_old + pv
 
   def visit(masked, i, k0, qt, c, fixed):
@@ -332,8 +334,8 @@ def _forward(cfg: _Config, q, k, v, sinks, params, qseg, kvseg, qpos, kvpos):
   varying = base.varying_axes(q, k, v, sinks, params, qseg, kvseg, qpos, kvpos)
 
   def init_state():
-    init = (jnp.full(shape, -jnp.inf, f32), jnp.zeros(shape, f32),
-            jnp.zeros(shape + (v.shape[-1],), f32))
+    init = (jnp.full(shape, -jnp.inf, cfg.acc), jnp.zeros(shape, cfg.acc),
+            jnp.zeros(shape + (v.shape[-1],), cfg.acc))
     return base.cast_varying(init, varying)
 
   def visit_rest(i, qt, carry, fixed, starts):
@@ -408,8 +410,8 @@ def _backward(cfg: _Config, res, g_out, g_lse):
   qb = _blocks_q(_prescale(q, cfg), cfg)
   dob = _blocks_q(g_out, cfg)
   # dL/ds_ij = p_ij * (dp_ij - delta_i); an LSE cotangent adds p_ij * g_lse_i.
-  delta = jnp.sum(dob.astype(f32) * out_b, axis=-1)          # [nq, B, Hk, G*bq]
-  delta = delta - _blocks_q(g_lse.astype(f32)[..., None], cfg)[..., 0]
+  delta = jnp.sum(dob.astype(cfg.acc) * out_b, axis=-1)          # [nq, B, Hk, G*bq]
+  delta = delta - _blocks_q(g_lse.astype(cfg.acc)[..., None], cfg)[..., 0]
   lse_safe = jnp.where(jnp.isfinite(lse_b), lse_b, jnp.inf)  # rows that saw nothing: p = 0
   rows = cfg.G * cfg.bq
   tile_shape = (cfg.B, cfg.Hk, rows, cfg.bk)
@@ -431,18 +433,20 @@ def _backward(cfg: _Config, res, g_out, g_lse):
     p = jnp.exp(s.reshape(tile_shape) - lse_i[..., None])
     if vis is not None:
       p = jnp.where(vis.reshape(tile_shape), p, 0.0)
-    dv_t = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do, preferred_element_type=f32)
-    dp = jnp.einsum("bhqd,bhkd->bhqk", do, vt, preferred_element_type=f32)
+    dv_t = jnp.einsum("bhqk,bhqd->bhkd", p.astype(do.dtype), do,
+                      preferred_element_type=cfg.acc)
+    dp = jnp.einsum("bhqd,bhkd->bhqk", do, vt, preferred_element_type=cfg.acc)
     ds = p * (dp - delta_i[..., None])
     if mod_vjp is not None:
       ds_flat, dpt = mod_vjp(ds.reshape(flat_shape))
-      dpt = jax.tree.map(_f32_cotangent, dpt)
+      dpt = jax.tree.map(lambda x: _acc_cotangent(x, cfg.acc), dpt)
       ds = ds_flat.reshape(tile_shape)
       dparams = mod.untile_add(dparams, dpt, i * cfg.bq, k0, cfg.heads)
     # s = (scale * q) . k, so dk takes the pre-scaled queries and dq gets the scale.
     dq = dq + jnp.einsum("bhqk,bhkd->bhqd", ds.astype(k.dtype), kt,
-                         preferred_element_type=f32) * cfg.scale
-    dk_t = jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), qt, preferred_element_type=f32)
+                         preferred_element_type=cfg.acc) * cfg.scale
+    dk_t = jnp.einsum("bhqk,bhqd->bhkd", ds.astype(q.dtype), qt,
+                      preferred_element_type=cfg.acc)
     upd = jax.lax.dynamic_update_slice_in_dim
     dk = upd(dk, _acc_tile(dk, k0, cfg) + dk_t, k0, 2)
     dv = upd(dv, _acc_tile(dv, k0, cfg) + dv_t, k0, 2)
@@ -453,7 +457,7 @@ def _backward(cfg: _Config, res, g_out, g_lse):
   def row(carry, xs):
     i, qt, do, lse_i, delta_i = xs
     dk, dv, dparams = carry
-    dq = base.cast_varying(jnp.zeros(qt.shape, f32), varying)
+    dq = base.cast_varying(jnp.zeros(qt.shape, cfg.acc), varying)
     inner = (dq, dk, dv, dparams)
     for counts, index, masked in tables:
       row_index = index[i]
@@ -469,11 +473,11 @@ def _backward(cfg: _Config, res, g_out, g_lse):
     dq, dk, dv, dparams = inner
     return (dk, dv, dparams), dq
 
-  dparams0 = jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params)
+  dparams0 = jax.tree.map(lambda p: jnp.zeros(p.shape, cfg.acc), params)
   # dK/dV accumulate head-major [B, Hk, Tkp, X], so a tile update is a contiguous slice.
   head_major = lambda x: (x.shape[0], x.shape[2], x.shape[1], x.shape[3])
-  carry = base.cast_varying((jnp.zeros(head_major(k), f32), jnp.zeros(head_major(v), f32),
-                             dparams0),
+  carry = base.cast_varying((jnp.zeros(head_major(k), cfg.acc),
+                             jnp.zeros(head_major(v), cfg.acc), dparams0),
                             varying)
   (dk, dv, dparams), dq = jax.lax.scan(
       row, carry, (jnp.arange(cfg.nq, dtype=jnp.int32), qb, dob, lse_safe, delta))
@@ -484,16 +488,18 @@ def _backward(cfg: _Config, res, g_out, g_lse):
     p_sink = jnp.exp(_row_sinks(cfg, sinks) - lse_safe)      # [nq, B, Hk, G*bq]
     contrib = -(p_sink * delta).reshape(cfg.nq, cfg.B, cfg.Hk, cfg.G, cfg.bq)
     per_head = jnp.sum(contrib, axis=(0, 1, 4)).reshape(-1)   # [Hk*G]
-    dsinks = jnp.zeros(sinks.shape, f32).at[cfg.head_ids].add(per_head).astype(sinks.dtype)
+    dsinks = jnp.zeros(sinks.shape, cfg.acc).at[cfg.head_ids].add(per_head)
+    dsinks = dsinks.astype(sinks.dtype)
   dparams = jax.tree.map(scores_lib.param_cotangent, dparams, params)
   return dq, dk, dv, dsinks, dparams, None, None, None, None
 
 
-def _f32_cotangent(x):
-  """A tile cotangent as float32 (``float0`` cotangents of integer params become zeros)."""
+def _acc_cotangent(x, dtype):
+  """A tile cotangent in the accumulation dtype (``float0`` cotangents of integer params
+  become zeros)."""
   if x.dtype == jax.dtypes.float0:
-    return jnp.zeros(x.shape, f32)
-  return x.astype(f32)
+    return jnp.zeros(x.shape, dtype)
+  return x.astype(dtype)
 
 
 def _make_core(cfg: _Config):
@@ -721,13 +727,15 @@ class ChunkedBackend(base.Backend):
       mod = None
       if p.score_mod is not None:
         mod = p.score_mod.bind((B, hk * gg, bq, tk), (B, 1, 1, 1), (1, hk * gg, 1, 1),
-                               (q_pos.shape[1], 1, bq, 1), (kv_pos.shape[0], 1, 1, tk))
+                               (q_pos.shape[1], 1, bq, 1), (kv_pos.shape[0], 1, 1, tk),
+                               dtype=base.accumulation_dtype(p.q.dtype))
       gparams = mod.pad_params(Tqp, Tkp) if mod is not None else ()
       cfg = _Config(
           B=B, Hk=hk, G=gg, bq=bq, bk=tk, nq=nq, kv_len=Tk, scale=float(p.scale),
           mask=p.mask, heads=heads, head_ids=np.asarray(head_ids),
           tables=tables, band=band is not None,
           mod=mod, has_seg=has_seg, has_sinks=p.sinks is not None,
+          acc=base.accumulation_dtype(p.q.dtype),
           # A band is one tile per query block: its online update is already the plain
           # softmax, so the fixed maximum would only add the fallback check.
           fixed_max=(self.fixed_max and band is None
@@ -749,5 +757,5 @@ class ChunkedBackend(base.Backend):
       out, lse = jnp.take(out, inv, axis=2), jnp.take(lse, inv, axis=2)
     out = out[:, :Tq].astype(p.q.dtype)
     if p.return_lse:
-      return out, lse[:, :Tq]
+      return out, lse[:, :Tq].astype(f32)
     return out

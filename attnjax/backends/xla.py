@@ -1,6 +1,6 @@
-"""Dense attention in plain jnp: one einsum for the logits, a masked float32 softmax, one einsum
-for the output. GQA without repeating K/V. The fast choice for short sequences; memory grows as
-``B * H * Tq * Tk``. Gradients come from JAX autodiff."""
+"""Dense attention in plain jnp: one einsum for the logits, a masked float32 softmax (float64
+for float64 inputs), one einsum for the output. GQA without repeating K/V. The fast choice for
+short sequences; memory grows as ``B * H * Tq * Tk``. Gradients come from JAX autodiff."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class XlaBackend(base.Backend):
     Tk, Hkv = p.k.shape[1], p.k.shape[2]
     G = Hq // Hkv
     Dv = p.v.shape[-1]
-    f32 = jnp.float32
+    f32 = base.accumulation_dtype(p.q.dtype)   # float64 for float64 inputs
     # 4-D batched matmuls: rows of a key/value head run over (g, q), so [Hkv, G*Tq] reshapes
     # for free to [Hq, Tq] (query head h = kv_head * G + g) and K/V are never repeated.
     q = (p.q.astype(f32) * p.scale).astype(p.q.dtype)
@@ -52,5 +52,5 @@ class XlaBackend(base.Backend):
     out = out.transpose(0, 2, 1, 3).astype(p.q.dtype)
     if p.return_lse:
       lse = jnp.where(denom > 0, m + jnp.log(safe), -jnp.inf)
-      return out, jnp.transpose(lse, (0, 2, 1))
+      return out, jnp.transpose(lse, (0, 2, 1)).astype(jnp.float32)
     return out

@@ -81,9 +81,20 @@ def inverse_permutation(perm) -> np.ndarray:
 
 
 def permute_sequence(x, perm, axis: int = 1):
-  """``x`` with its ``axis`` reordered by ``perm`` (numpy or jax arrays)."""
-  return x.take(np.asarray(perm), axis=axis) if isinstance(x, np.ndarray) else (
-      _jnp().take(x, np.asarray(perm), axis=axis))
+  """``x`` with its ``axis`` reordered by ``perm`` (numpy or jax arrays). A jax array typed
+  with an explicit-axes sharding (``jax.make_mesh``'s default) keeps its sharding: the gather
+  states it as its output sharding, which such meshes require."""
+  perm = np.asarray(perm)
+  if isinstance(x, np.ndarray):
+    return x.take(perm, axis=axis)
+  from attnjax.backends import base   # pylint: disable=import-outside-toplevel
+  spec = base.explicit_spec(x)
+  if spec is None:
+    return _jnp().take(x, perm, axis=axis)
+  index = [slice(None)] * x.ndim
+  index[axis] = perm
+  import jax   # pylint: disable=import-outside-toplevel
+  return x.at[tuple(index)].get(out_sharding=jax.typeof(x).sharding)
 
 
 def unpermute_sequence(x, perm, axis: int = 1):

@@ -293,3 +293,49 @@ def test_tiled_parameter_grads_under_x64(impl):
     want = jax.grad(loss("xla"), argnums=(0, 1, 2))(bias, u, w)
     for g, r in zip(got, want):
       np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IDS)
+@pytest.mark.parametrize("mask", ["causal_window", "strided_heads"])
+def test_float64_inputs_are_computed_in_float64(impl, mask):
+  """Under x64, float64 inputs are computed in float64 (logits, softmax state, accumulators and
+  gradients): outputs, LSE (returned in float32, the documented LSE dtype) and gradients w.r.t.
+  q, k, v, sinks and score-mod parameters match the float64 reference to ~1e-12, far below
+  float32's ~1e-7."""
+  rng = np.random.default_rng(11)
+  mask = (M.causal() & M.sliding_window(13, 0) if mask == "causal_window"
+          else M.strided_heads(2, local_window=4))
+  with jax.enable_x64(True):
+    q = jnp.asarray(rng.normal(size=(2, 45, 4, 8)))
+    k, v = (jnp.asarray(rng.normal(size=(2, 45, 2, 8))) for _ in range(2))
+    sinks = jnp.asarray(rng.normal(size=4))
+    slopes = jnp.asarray(S.alibi_slopes(4), jnp.float64)
+
+    def run(backend):
+      def f(q, k, v, sinks, slopes):
+        out, lse = aj.attention(q, k, v, mask=mask, sinks=sinks, impl=backend, return_lse=True,
+                                score_mod=[S.alibi(slopes), S.softcap(4.0)])
+        return out, lse
+      return f
+
+    out, lse = run(_impl(impl))(q, k, v, sinks, slopes)
+    ref_out, ref_lse = run("reference")(q, k, v, sinks, slopes)
+    assert out.dtype == jnp.float64 and lse.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-7)
+
+    def loss(backend):
+      def f(*args):
+        out, lse = run(backend)(*args)
+        finite = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        return jnp.sum(jnp.sin(out)) + jnp.sum(finite)
+      return f
+
+    args = (q, k, v, sinks, slopes)
+    got = jax.grad(loss(_impl(impl)), argnums=range(5))(*args)
+    want = jax.grad(loss("reference"), argnums=range(5))(*args)
+    for name, g, r in zip(("q", "k", "v", "sinks", "slopes"), got, want):
+      assert g.dtype == jnp.float64, name
+      np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=0,
+                                 atol=1e-10,
+                                 err_msg=name)

@@ -156,3 +156,31 @@ def test_merge_partials_equals_attention_over_union():
     return o.sum() + l.sum()
   g = jax.grad(f, argnums=(0, 1))(jnp.full_like(lses[0], -jnp.inf), sinks)
   assert all(bool(jnp.isfinite(x).all()) for x in g)
+
+
+@pytest.mark.parametrize("in_mesh_context", [False, True])
+def test_permute_sequence_keeps_explicit_sharding(in_mesh_context):
+  """Arrays sharded over an explicit-axes mesh (jax.make_mesh's default) along the sequence:
+  permute/unpermute keep the sharding and round-trip, eagerly and under jit, inside and outside
+  a mesh context (a plain jnp.take raised ShardingTypeError)."""
+  mesh = jax.make_mesh((2,), ("sp",), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=jax.devices()[:2])
+  rng = np.random.default_rng(3)
+  x_np = rng.normal(size=(2, 16, 3)).astype(np.float32)
+  x = jax.device_put(x_np, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None,
+                                                                                       "sp")))
+  perm = parallel.load_balance_permutation(16, 2, "zigzag")
+
+  def run():
+    y = parallel.permute_sequence(x, perm)
+    np.testing.assert_array_equal(np.asarray(y), x_np[:, perm])
+    assert jax.typeof(y).sharding.spec[:2] == (None, "sp")
+    np.testing.assert_array_equal(np.asarray(parallel.unpermute_sequence(y, perm)), x_np)
+    f = jax.jit(lambda a: parallel.unpermute_sequence(parallel.permute_sequence(a, perm), perm))
+    np.testing.assert_array_equal(np.asarray(f(x)), x_np)
+
+  if in_mesh_context:
+    with jax.set_mesh(mesh):
+      run()
+  else:
+    run()
