@@ -387,31 +387,43 @@ class Runner:
 
 
 def _chunked_plans(args) -> str:
-  """How ``chunked`` computes each mask at the longest length (tiles or a band)."""
+  """How each ``chunked`` impl of ``--impl`` computes each mask at the longest length (tiles
+  or a band)."""
   T = max(args.lengths)
-  backend = ChunkedBackend(args.block_q, args.block_kv)
-  plans = []
-  for kind in args.masks:
-    case = make_mask_case(kind, T, args)
-    if isinstance(case, tuple):
+  out = []
+  for spec in args.impl:
+    if spec != "chunked" and not spec.startswith("chunked:"):
       continue
-    x = jax.ShapeDtypeStruct((args.batch, case.T, args.heads, args.head_dim), args.dtype)
-    p = attnjax.build_problem(x, x, x, mask=case.mask)
-    plans.append(f"{case.label}: {backend.describe(p)}")
-  return "; ".join(plans)
+    impl, label = _chunked_backend(spec, args)
+    plans = []
+    for kind in args.masks:
+      case = make_mask_case(kind, T, args)
+      if isinstance(case, tuple):
+        continue
+      x = jax.ShapeDtypeStruct((args.batch, case.T, args.heads, args.head_dim), args.dtype)
+      p = attnjax.build_problem(x, x, x, mask=case.mask)
+      plans.append(f"{case.label}: {impl.describe(p)}")
+    out.append(f"{label} ({'; '.join(plans)})")
+  return "; ".join(out) or "not measured"
+
+
+def _chunked_backend(spec: str, args):
+  """``(ChunkedBackend, label)`` for ``--impl chunked`` or ``chunked:BQxBK``."""
+  if spec == "chunked":
+    label = "chunked"
+    if (args.block_q, args.block_kv) != (None, None):
+      label = f"chunked:{args.block_q or 'auto'}x{args.block_kv or 'auto'}"
+    return ChunkedBackend(args.block_q, args.block_kv), label
+  try:
+    bq, bk = (int(x) for x in spec.split(":", 1)[1].lower().split("x"))
+  except ValueError:
+    raise SystemExit(f"--impl {spec!r}: expected chunked:BQxBK, e.g. chunked:128x512")
+  return ChunkedBackend(bq, bk), spec
 
 
 def attnjax_runner(spec: str, args) -> Runner:
-  if spec == "chunked":
-    impl, label = ChunkedBackend(args.block_q, args.block_kv), "chunked"
-    if (args.block_q, args.block_kv) != (None, None):
-      label = f"chunked:{args.block_q or 'auto'}x{args.block_kv or 'auto'}"
-  elif spec.startswith("chunked:"):
-    try:
-      bq, bk = (int(x) for x in spec.split(":", 1)[1].lower().split("x"))
-    except ValueError:
-      raise SystemExit(f"--impl {spec!r}: expected chunked:BQxBK, e.g. chunked:128x512")
-    impl, label = ChunkedBackend(bq, bk), spec
+  if spec == "chunked" or spec.startswith("chunked:"):
+    impl, label = _chunked_backend(spec, args)
   elif hw.pallas_platform(spec) and ":" in spec:
     from attnjax.backends.pallas import PallasBackend
     try:

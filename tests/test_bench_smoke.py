@@ -210,3 +210,35 @@ def test_bench_decode_refusal_and_tiny_interpret_run(capsys):
                    "16", "--num-splits", "2", "--repeats", "1", "--warmup", "1"])
   assert len(rows) == 1 and rows[0]["decode_ms"] > 0 and rows[0]["err"] < 1e-5
   assert "INTERPRET MODE" in capsys.readouterr().out
+
+
+def test_header_describes_each_chunked_impl():
+  """The header says how every chunked impl of --impl computes each mask (it described the
+  default backend even for chunked:BQxBK)."""
+  bench = _load_bench()
+  args = bench.parse_args(["--lengths", "4096", "--masks", "causal", "sliding",
+                           "--impl", "chunked", "chunked:64x128", "xla"])
+  text = bench._chunked_plans(args)
+  assert text.startswith("chunked (causal: tiles 512x512; sliding(511,0): band: 128 query rows")
+  assert "; chunked:64x128 (causal: tiles 64x128; sliding(511,0): tiles 64x128)" in text
+  assert bench._chunked_plans(bench.parse_args(["--impl", "xla"])) == "not measured"
+
+
+def test_sliding_floor_runs():
+  """experiments/sliding_floor.py on a tiny problem: every case is timed and reported (not a
+  timing test)."""
+  path = BENCH.parent / "sliding_floor.py"
+  spec = importlib.util.spec_from_file_location("sliding_floor", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  res = mod.main(["--length", "256", "--window", "63", "--heads", "2", "--head-dim", "8",
+                  "--rounds", "1"])
+  names = ["chunked causal", "chunked sliding", "floor: dots 128 x 64", "floor: softmax 128 x 64",
+           "floor: dots 128 x 192", "floor: softmax 128 x 192", "floor: dots 64 x 128",
+           "floor: softmax 64 x 128", "floor: dots 32 x 128", "floor: softmax 32 x 128"]
+  assert list(res["times"]) == names
+  assert all(len(t) == 1 and t[0] > 0 for t in res["times"].values())
+  assert res["ratios"]["chunked causal"] == pytest.approx(1.0)
+  assert "| chunked sliding |" in res["markdown"]
+  with pytest.raises(SystemExit):
+    mod.main(["--length", "200"])
