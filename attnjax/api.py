@@ -88,13 +88,6 @@ def _positions(name, x, batch, length):
   return x
 
 
-def _concrete(x):
-  """``x`` as numpy when it is concrete, else None (traced values cannot be checked)."""
-  if x is None or isinstance(x, jax.core.Tracer):
-    return None
-  return np.asarray(x)
-
-
 def build_problem(q, k, v, *, mask=None, score_mod=None, bias=None, sinks=None,
                   segment_ids=None, kv_segment_ids=None, scale=None, return_lse=False,
                   q_positions=None, kv_positions=None) -> base.Problem:
@@ -136,7 +129,6 @@ def build_problem(q, k, v, *, mask=None, score_mod=None, bias=None, sinks=None,
     mask.validate(Tq, Tk, Hq)
   else:  # explicit positions: lengths are local (a shard, a cache); check heads only
     mask.validate(None, None, Hq)
-    mask.validate_positions(*(_concrete(x) for x in (q_positions, kv_positions)))
   mod = scores_lib.as_score_mod(score_mod)
 
   has_bias = bias is not None

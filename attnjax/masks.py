@@ -97,15 +97,6 @@ class Mask:
     are None when the caller gives explicit positions (e.g. one shard of a longer sequence):
     then only head-count constraints are checked."""
 
-  def validate_positions(self, q_pos: np.ndarray | None, kv_pos: np.ndarray | None) -> None:
-    """Raise ``ValueError`` if concrete explicit positions (numpy, any shape; None when not
-    given) lie where this mask is undefined. Composite masks ask their parts."""
-    for child in self._children():
-      child.validate_positions(q_pos, kv_pos)
-
-  def _children(self):
-    return ()
-
   # ----------------------------------------------------------------------------- block maps
   def block_map(self, q_len: int, kv_len: int, block_q: int, block_kv: int, *,
                 q_offset: int | None = None, kv_offset: int = 0,
@@ -399,9 +390,6 @@ class And(Mask):
     self.a.validate(q_len, kv_len, num_heads)
     self.b.validate(q_len, kv_len, num_heads)
 
-  def _children(self):
-    return (self.a, self.b)
-
   def _block_map(self, q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads):
     if num_heads is None and self._interval(q_pos[:1]) is not None:
       return super()._block_map(q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads)
@@ -432,9 +420,6 @@ class Or(Mask):
     self.a.validate(q_len, kv_len, num_heads)
     self.b.validate(q_len, kv_len, num_heads)
 
-  def _children(self):
-    return (self.a, self.b)
-
   def _block_map(self, q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads):
     if q_pos.size * kv_pos.size * (num_heads or 1) <= _EXACT_EVAL_LIMIT:
       return _dense_block_map(self, q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads)
@@ -460,9 +445,6 @@ class Not(Mask):
 
   def validate(self, q_len, kv_len, num_heads):
     self.a.validate(q_len, kv_len, num_heads)
-
-  def _children(self):
-    return (self.a,)
 
   def _block_map(self, q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads):
     if q_pos.size * kv_pos.size * (num_heads or 1) <= _EXACT_EVAL_LIMIT:
@@ -521,9 +503,6 @@ class PerHead(Mask):
                        f"{num_heads} heads; they must be equal")
     for m in self.masks:
       m.validate(q_len, kv_len, num_heads)
-
-  def _children(self):
-    return tuple(self.masks)
 
   def _block_map(self, q_pos, q_valid, kv_pos, kv_valid, bq, bk, num_heads):
     if num_heads != len(self.masks):
@@ -812,17 +791,6 @@ class Dense(Mask):
       raise ValueError(f"dense mask has shape {self.array.shape} but the problem is "
                        f"[Tq, Tk] = [{q_len}, {kv_len}]; they must match")
 
-  def validate_positions(self, q_pos, kv_pos):
-    tq, tk = self.array.shape
-    for name, pos, lo, hi in (("q_positions", q_pos, tk - tq, tk), ("kv_positions", kv_pos, 0, tk)):
-      if pos is not None and pos.size and (pos.min() < lo or pos.max() >= hi):
-        raise ValueError(
-            f"{name} span [{pos.min()}, {pos.max()}], but the dense mask of shape "
-            f"{list(self.array.shape)} covers {'query' if name[0] == 'q' else 'key'} positions "
-            f"[{lo}, {hi - 1}] "
-            f"(query rows are bottom-right aligned: row = position - (Tk - Tq)); give a mask "
-            f"covering every position")
-
   def __hash__(self):
     return hash((Dense, self.digest))
 
@@ -838,9 +806,9 @@ def dense(array) -> Mask:
   non-traced array); for traced, data-dependent masks use ``bias`` or ``segment_ids``.
 
   Row ``i`` is query position ``i + Tk - Tq`` (bottom-right aligned, like every mask) and
-  column ``j`` key position ``j``. With explicit ``q_positions``/``kv_positions``, concrete
-  positions outside the array raise ``ValueError``; traced ones cannot be checked, and a
-  position outside the array sees nothing."""
+  column ``j`` key position ``j``. With explicit ``q_positions``/``kv_positions``, a position
+  outside the array sees nothing (as off-grid positions of :func:`neighborhood` masks): that is
+  how padded query slots of a KV-cache step behave, so it is not an error."""
   if isinstance(array, jax.core.Tracer):
     raise TypeError("masks.dense needs a concrete array (it builds a static block map); got a "
                     "traced value. Pass traced masks as an additive `bias` instead")

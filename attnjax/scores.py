@@ -31,7 +31,6 @@ import jax.extend.core as jex_core
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.masks import _check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +222,20 @@ def param_cotangent(ct, param):
   return ct.astype(jnp.result_type(param))
 
 
+def _check_int(name: str, value, minimum: int) -> int:
+  """A static integer argument: a Python/numpy int or a concrete integer 0-d array."""
+  try:
+    if isinstance(value, (bool, np.bool_, jax.core.Tracer)):
+      raise TypeError
+    value = int(value.__index__())
+  except (TypeError, AttributeError):
+    raise TypeError(f"{name} must be an int, got {value!r} of type "
+                    f"{type(value).__name__}") from None
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  return value
+
+
 def _as_float_param(name, x, ndim_allowed):
   if isinstance(x, (int, float)):
     x = np.asarray(x, np.float32)
@@ -397,7 +410,9 @@ def from_function(fn: Callable, name: str | None = None) -> ScoreMod:
     raise TypeError(f"scores.from_function needs a callable, got {type(fn).__name__}")
   name = name or getattr(fn, "__name__", "score_mod")
   try:
-    sig = inspect.signature(fn)
+    # The callable's own signature: a functools.wraps wrapper may take other arguments than
+    # the function it wraps (whose signature inspect reports by default).
+    sig = inspect.signature(fn, follow_wrapped=False)
   except (TypeError, ValueError):   # builtins and some C callables have none: checked at use
     sig = None
   if sig is not None:
@@ -410,11 +425,15 @@ def from_function(fn: Callable, name: str | None = None) -> ScoreMod:
 
 
 def chain(*mods: ScoreMod) -> ScoreMod:
-  """Apply several score mods in order (e.g. ``chain(alibi(s), softcap(30.0))``)."""
+  """Apply several score mods in order (e.g. ``chain(alibi(s), softcap(30.0))``); plain
+  functions ``fn(score, batch, head, q_idx, kv_idx)`` are wrapped with :func:`from_function`."""
   mods = tuple(m for m in mods if m is not None)
+  mods = tuple(from_function(m) if callable(m) and not isinstance(m, ScoreMod) else m
+               for m in mods)
   for i, m in enumerate(mods):
     if not isinstance(m, ScoreMod):
-      raise TypeError(f"chain: argument {i} must be a ScoreMod, got {type(m).__name__}")
+      raise TypeError(f"chain: argument {i} must be a ScoreMod or a function fn(score, batch, "
+                      f"head, q_idx, kv_idx), got {type(m).__name__}")
   if len(mods) == 1:
     return mods[0]
   if any(m.raw_fn is not None or isinstance(m, _LazyChain) for m in mods):

@@ -3,6 +3,9 @@ backends refuse features they lack instead of dropping them."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -219,21 +222,24 @@ def test_mask_function_must_return_bool():
   np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
-def test_dense_mask_checks_concrete_positions():
+def test_dense_mask_positions_outside_see_nothing():
+  """With explicit positions a dense mask is looked up at them; positions outside the array see
+  nothing (padded query slots of a ragged KV-cache step have such positions), eagerly and under
+  jit alike."""
   q, k, v = _qkv(Tq=16, Tk=16)
-  small = M.dense(np.tril(np.ones((8, 8), bool)))
-  with pytest.raises(ValueError, match=r"q_positions span \[0, 15\], but the dense mask of "
-                                       r"shape \[8, 8\] covers query positions \[0, 7\]"):
-    aj.attention(q, k, v, mask=small, q_positions=np.arange(16), kv_positions=np.arange(16))
-  with pytest.raises(ValueError, match=r"kv_positions span \[0, 15\]"):
-    aj.attention(q, k, v, mask=small & M.causal(), q_positions=np.arange(16) // 2,
-                 kv_positions=np.arange(16))
-  # Inside the mask: accepted, and equal to the dense mask applied to those positions.
-  pos = np.arange(16) // 2
-  out = aj.attention(q, k, v, mask=small, q_positions=pos, kv_positions=pos, impl="chunked")
-  want = aj.attention(q, k, v, bias=jnp.where(np.tril(np.ones((8, 8), bool))[pos][:, pos],
-                                              0.0, -jnp.inf)[None, None], impl="reference")
-  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)
+  arr = np.tril(np.ones((8, 8), bool))
+  small = M.dense(arr)
+  pos = np.minimum(np.arange(16) // 2 + np.r_[np.zeros(12, int), np.full(4, 5)], 12)
+  inside = pos < 8
+  vis = np.where(inside[:, None] & inside[None, :], arr[np.minimum(pos, 7)][:, np.minimum(pos, 7)],
+                 False)
+  want = aj.attention(q, k, v, bias=jnp.where(vis, 0.0, -jnp.inf)[None, None], impl="reference")
+  for impl in ("xla", "chunked"):
+    f = lambda q, k, v, qp, kp, impl=impl: aj.attention(q, k, v, mask=small, q_positions=qp,
+                                                        kv_positions=kp, impl=impl)
+    for got in (f(q, k, v, pos, pos), jax.jit(f)(q, k, v, pos, pos)):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+      assert not np.any(np.asarray(got)[:, ~inside])    # rows outside the mask: output 0
 
 
 def test_score_mod_constructor_arguments():
@@ -243,6 +249,10 @@ def test_score_mod_constructor_arguments():
     S.softcap(True)
   with pytest.raises(TypeError, match="relative_bias max_distance must be an int, got 4.9"):
     S.relative_bias(jnp.zeros((2, 9)), 4.9)
+  with pytest.raises(TypeError, match="relative_bias max_distance must be an int"):
+    S.relative_bias(jnp.zeros((2, 9)), jnp.float32(4.0))
+  for md in (4, np.int64(4), jnp.int32(4)):       # integer scalars of any kind
+    assert S.relative_bias(jnp.zeros((2, 9)), md).name == "relative_bias(clipped)"
   with pytest.raises(TypeError, match="alibi_slopes num_heads must be an int, got 6.5"):
     S.alibi_slopes(6.5)
   with pytest.raises(ValueError, match="alibi_slopes num_heads must be >= 1"):
@@ -263,7 +273,23 @@ def test_user_score_mod_signature_and_output_shape():
     want = jnp.repeat(jnp.mean(v, axis=1, keepdims=True), 2, axis=2)
     np.testing.assert_allclose(np.asarray(out), np.broadcast_to(want, out.shape), rtol=1e-5,
                                atol=1e-6)
-  # Lists may mix ScoreMods and plain functions.
+  # The callable's own signature counts, not that of a function it wraps.
+  def bind_scale(f):
+    @functools.wraps(f)
+    def wrapper(s, b, h, i, j):
+      return f(s, b, h, i, j, 0.5)
+    return wrapper
+
+  @bind_scale
+  def scaled(s, b, h, i, j, factor):
+    return s * factor
+
+  np.testing.assert_allclose(
+      np.asarray(aj.attention(q, k, v, score_mod=scaled)),
+      np.asarray(aj.attention(q, k, v, scale=0.5 / np.sqrt(8), impl="reference")),
+      rtol=1e-5, atol=1e-6)
+  # Lists and chain() may mix ScoreMods and plain functions.
+  assert S.chain(S.softcap(5.0), lambda s, b, h, i, j: s).name == "chain(softcap(5.0), <lambda>)"
   out = aj.attention(q, k, v, score_mod=[S.softcap(5.0), lambda s, b, h, i, j: s * 0.5])
   want = aj.attention(q, k, v, score_mod=lambda s, b, h, i, j: 2.5 * jnp.tanh(s / 5.0),
                       impl="reference")
