@@ -51,13 +51,40 @@ def _is_tiling(x):
   return isinstance(x, Tiling)
 
 
+class _FnRef:
+  """A score mod's function in the pytree's static data. Equal when the functions are the same
+  object or, when ``key`` is given, when the keys are equal: ``key`` names everything static
+  the function depends on (e.g. ``("softcap", 30.0)``), so that a built-in mod rebuilt on every
+  step (``scores.alibi(slopes)`` inside a training loop) hits ``jax.jit``'s cache instead of
+  retracing."""
+  __slots__ = ("fn", "key")
+
+  def __init__(self, fn, key=None):
+    self.fn, self.key = fn, key
+
+  def __eq__(self, other):
+    if not isinstance(other, _FnRef):
+      return NotImplemented
+    if self.key is not None or other.key is not None:
+      return self.key == other.key
+    return self.fn is other.fn
+
+  def __hash__(self):
+    return hash(self.key) if self.key is not None else hash(id(self.fn))
+
+
 @jax.tree_util.register_pytree_node_class
 class ScoreMod:
-  """A score modification with differentiable parameters (see the module docstring)."""
+  """A score modification with differentiable parameters (see the module docstring).
+
+  ``key`` (optional, hashable) names everything static ``fn`` depends on; two mods with equal
+  keys must compute the same function of their params. It lets ``jax.jit`` reuse a trace when
+  an equal mod is rebuilt (without it, mods compare by the identity of ``fn``)."""
 
   def __init__(self, fn: Callable, params=(), tiling=None, name: str = "score_mod",
-               raw_fn: Callable | None = None, labels=None):
+               raw_fn: Callable | None = None, labels=None, key=None):
     self.fn = fn
+    self.key = key
     self.params = params
     self.tiling = tiling if tiling is not None else jax.tree.map(lambda _: GLOBAL, params)
     self.name = name
@@ -69,13 +96,15 @@ class ScoreMod:
     self.labels = labels
 
   def tree_flatten(self):
-    return (self.params,), (self.fn, self.tiling, self.name, self.raw_fn, self.labels)
+    return (self.params,), (_FnRef(self.fn, self.key), self.tiling, self.name, self.raw_fn,
+                            self.labels)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    fn, tiling, name, raw_fn, labels = aux
+    ref, tiling, name, raw_fn, labels = aux
     obj = object.__new__(cls)
-    obj.fn, obj.tiling, obj.name, obj.raw_fn, obj.labels = fn, tiling, name, raw_fn, labels
+    obj.fn, obj.key, obj.tiling, obj.name = ref.fn, ref.key, tiling, name
+    obj.raw_fn, obj.labels = raw_fn, labels
     obj.params = children[0]
     return obj
 
@@ -268,7 +297,7 @@ def softcap(cap: float) -> ScoreMod:
   def fn(params, s, b, h, q, k):
     return cap * jnp.tanh(s / cap)
 
-  return ScoreMod(fn, (), None, f"softcap({cap})")
+  return ScoreMod(fn, (), None, f"softcap({cap})", key=("softcap", cap))
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -298,7 +327,8 @@ def alibi(slopes, *, symmetric: bool = False) -> ScoreMod:
       dist = -jnp.abs(dist)
     return s + sl.astype(s.dtype)[None, :, None, None] * dist
 
-  return ScoreMod(fn, (slopes,), (Tiling(head_axis=0),), "alibi", labels=("alibi slopes",))
+  return ScoreMod(fn, (slopes,), (Tiling(head_axis=0),), "alibi", labels=("alibi slopes",),
+                  key=("alibi", bool(symmetric)))
 
 
 def t5_relative_bucket(rel, *, bidirectional: bool, num_buckets: int, max_distance: int):
@@ -361,7 +391,8 @@ def relative_bias(table, max_distance: int, *, mode: str = "clipped",
 
   tiling = (Tiling(head_axis=0),) if per_head else (GLOBAL,)
   return ScoreMod(fn, (table,), tiling, f"relative_bias({mode})",
-                  labels=("relative_bias table",))
+                  labels=("relative_bias table",),
+                  key=("relative_bias", mode, md, bool(bidirectional), nb, per_head))
 
 
 def low_rank_bias(u, w) -> ScoreMod:
@@ -384,7 +415,8 @@ def low_rank_bias(u, w) -> ScoreMod:
   return ScoreMod(fn, (u, w), (Tiling(q_axis=1, head_axis=2, batch_axis=0),
                           Tiling(kv_axis=1, head_axis=2, batch_axis=0)),
                   "low_rank_bias", labels=("low_rank_bias u [B, Tq, H, R]",
-                                           "low_rank_bias w [B, Tk, H, R]"))
+                                           "low_rank_bias w [B, Tk, H, R]"),
+                  key=("low_rank_bias",))
 
 
 def additive_bias(bias) -> ScoreMod:
@@ -395,7 +427,7 @@ def additive_bias(bias) -> ScoreMod:
     return s + bb.astype(s.dtype)
 
   return ScoreMod(fn, (bias,), (Tiling(q_axis=2, kv_axis=3, head_axis=1, batch_axis=0),),
-                   "bias", labels=("bias [B, Hq, Tq, Tk]",))
+                   "bias", labels=("bias [B, Hq, Tq, Tk]",), key=("bias",))
 
 
 def from_function(fn: Callable, name: str | None = None) -> ScoreMod:
@@ -445,9 +477,11 @@ def chain(*mods: ScoreMod) -> ScoreMod:
       s = f(p, s, b, h, q, k)
     return s
 
+  keys = tuple(m.key for m in mods)
   return ScoreMod(fn, tuple(m.params for m in mods), tuple(m.tiling for m in mods),
                   "chain(" + ", ".join(m.name for m in mods) + ")",
-                  labels=tuple(m.labels for m in mods))
+                  labels=tuple(m.labels for m in mods),
+                  key=("chain",) + keys if all(k is not None for k in keys) else None)
 
 
 class _LazyChain(ScoreMod):
