@@ -5,8 +5,8 @@ evaluation, PARTIAL blocks evaluate ``mask_mod`` on the tile's index grid. The f
 ``lax.scan`` over query blocks; for each, inner loops run over that block's FULL and PARTIAL key
 blocks, with trip counts and tile start positions read from per-row visit tables built from the
 block map, and the running max, denominator and output accumulator (float32; float64 for
-float64 inputs) stay local to the
-query block. Memory is ``O(T * D)`` and time is proportional to the number of non-empty blocks.
+float64 inputs) stay local to the query block. Memory is ``O(T * D)`` and time is proportional
+to the number of non-empty blocks.
 Segment ids add a run-time skip: a tile whose query and key segment-id ranges are disjoint for
 the whole batch costs a branch, not a tile. By default the forward keeps each row's maximum
 fixed after the query block's first tile (no per-tile max reduction or rescaling; exact, with a
