@@ -12,11 +12,15 @@ Sharding
                                   mesh is active at construction the annotation is metadata only
                                   (``eager_sharding=False``), so layers build without a mesh;
                                   under ``jax.set_mesh(mesh)`` parameters are sharded eagerly.
+  ``mesh_axis_size(logical)``     devices a logical axis is split over under the active mesh
+                                  (``None`` without one); layers use it to replicate an axis the
+                                  mesh cannot split evenly (GQA key/value heads).
 
 Validation (every error names the argument and the allowed values)
   ``check_choice(name, value, allowed)``, ``check_int(name, value, minimum)``,
-  ``check_divisible(name, value, divisor_name, divisor)``, ``canonical_dtype(name, dtype)``,
-  ``check_impl(impl)``.
+  ``check_divisible(name, value, divisor_name, divisor)``, ``check_real(name, value, lo, hi)``,
+  ``check_bool(name, value)``, ``canonical_dtype(name, dtype)``, ``check_impl(impl)``,
+  ``check_cache_shapes(owner, cache, expected, hint)``.
 
 Modules
   ``Projection(in_shape, out_shape, in_axes, out_axes, ...)``  a dense map contracting the
@@ -41,6 +45,12 @@ KV caches (functional: layers take a cache and return the updated one)
   ``CrossKV(k, v, positions, segment_ids)``  projected memory of a cross-attention layer.
   ``cache_step(buffers, new, pos, length, num_new, window_left)``  the per-call bookkeeping of
       incremental decoding shared by all causal layers; returns a :class:`CacheStep`.
+  ``shard_heads_like(x, kernel, kernel_head_axis)``  a cache buffer ``[B, S, H, D]`` with its
+      head axis sharded like a projection kernel's head axis (explicit-axes meshes).
+
+Score mods held by layers
+  ``StoredScoreMod(score_mod, trainable=True)``  a constructor score mod whose array leaves are
+      ``nnx.Param`` (trainable) or :class:`ScoreModConstant`; ``.get()`` rebuilds the mod.
 
 Attention entry point
   ``attend(q, k, v, **kwargs)``   calls ``attnjax.attention`` (imported lazily so that the package
@@ -101,6 +111,19 @@ def partitioned(init, *logical: str | None):
   return nnx.with_partitioning(init, mesh_axes(*logical), **kwargs)
 
 
+def mesh_axis_size(logical: str) -> int | None:
+  """Number of devices the logical axis ``logical`` is split over under the active mesh: the
+  product of the sizes of the mesh axes :data:`AXIS_RULES` maps it to (axes the mesh lacks
+  count 1; a replicated axis gives 1). ``None`` when no mesh is active (then the annotation is
+  metadata only and whoever applies it decides)."""
+  if not _mesh_active():
+    return None
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  (entry,) = mesh_axes(logical)
+  return _prod(sizes.get(a, 1) for a in _mesh_axes_of(entry))
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation helpers
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +148,47 @@ def check_int(name: str, value, minimum: int | None = None) -> int:
 def check_divisible(name: str, value: int, divisor_name: str, divisor: int):
   if value % divisor:
     raise ValueError(f"{name}={value} must be divisible by {divisor_name}={divisor}")
+
+
+def _scalar_kind(value) -> str | None:
+  """``"bool"``, ``"int"``, ``"float"`` for a Python/numpy scalar or a concrete 0-d numpy/jax
+  array of that kind; None otherwise (sequences, strings, traced values, complex)."""
+  if isinstance(value, (bool, np.bool_)):
+    return "bool"
+  if isinstance(value, (int, np.integer)):
+    return "int"
+  if isinstance(value, (float, np.floating)):
+    return "float"
+  if isinstance(value, (np.ndarray, jax.Array)) and not isinstance(value, jax.core.Tracer) \
+      and value.ndim == 0:
+    for dt, kind in ((jnp.bool_, "bool"), (jnp.integer, "int"), (jnp.floating, "float")):
+      if jnp.issubdtype(value.dtype, dt):
+        return kind
+  return None
+
+
+def check_real(name: str, value, lo: float | None = None, hi: float | None = None) -> float:
+  """A real number as a Python float: an int or float (Python or numpy scalar, or a concrete
+  0-d numpy/jax array), within ``[lo, hi]`` when given. Bools are rejected (``True`` is not a
+  number here); so are traced values (the layer needs the value at construction)."""
+  kind = _scalar_kind(value)
+  rng = (f" in [{lo}, {hi}]" if lo is not None and hi is not None else
+         f" >= {lo}" if lo is not None else f" <= {hi}" if hi is not None else "")
+  if kind not in ("int", "float"):
+    raise ValueError(f"{name} must be a real number{rng} (int or float, not bool), got "
+                     f"{value!r} of type {type(value).__name__}")
+  out = float(value)
+  if not math.isfinite(out) or (lo is not None and out < lo) or (hi is not None and out > hi):
+    raise ValueError(f"{name} must be a finite real number{rng}, got {out}")
+  return out
+
+
+def check_bool(name: str, value) -> bool:
+  """A bool: Python ``bool``, ``np.bool_`` or a concrete 0-d boolean numpy/jax array (ints such
+  as 0/1 are rejected)."""
+  if _scalar_kind(value) != "bool":
+    raise ValueError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
+  return bool(value)
 
 
 def check_impl(impl):
@@ -458,13 +522,23 @@ class CacheStep:
   length: jax.Array
 
 
+def _concrete(x):
+  """``x`` as a numpy array when its value is known (not traced), else None."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  try:
+    return np.asarray(x)
+  except Exception:  # pylint: disable=broad-except  (abstract values of other transforms)
+    return None
+
+
 def cache_step(buffers: Sequence[jax.Array], new: Sequence[jax.Array], pos, length, num_new,
                window_left: int | None) -> CacheStep:
   """Write ``T`` new tokens into a (ring) cache and say what to attend over.
 
   ``buffers``: cache arrays ``[B, S, ...]``; ``new``: the new tokens' arrays ``[B, T, ...]``
-  (same trailing shapes); ``num_new [B]``: how many of the ``T`` tokens are real for each
-  example (right padding; ``None`` = all). Token ``t`` of example ``b`` gets position
+  (same trailing shapes); ``num_new [B]`` (integers): how many of the ``T`` tokens are real for
+  each example (right padding; ``None`` = all). Token ``t`` of example ``b`` gets position
   ``length[b] + t`` and slot ``(length[b] + t) % S``.
 
   ``window_left`` is the farthest look-back of the layer's mask (query ``i`` never sees keys
@@ -473,25 +547,70 @@ def cache_step(buffers: Sequence[jax.Array], new: Sequence[jax.Array], pos, leng
   single-token decoding with ``S = window_left + 1``) the new tokens are written first and
   attention reads the cache alone; otherwise (prefill of a chunk longer than the ring allows)
   attention reads the old cache concatenated with the new tokens, and only the last ``S`` real
-  tokens are then kept.
+  tokens are then kept. A ring (``window_left`` given) therefore takes chunks of any length
+  ``T``, and its results are exact while ``S >= window_left`` or no token has been evicted yet.
+
+  Errors (``ValueError``), so that no call returns wrong numbers silently:
+
+  * ``window_left=None`` and ``T > S``: more new tokens than the cache holds (a shape fact,
+    raised under ``jax.jit`` too);
+  * when ``num_new`` is concrete (not traced): a value outside ``[0, T]``;
+  * when ``length`` and ``num_new`` are concrete: without a window, ``length + num_new > S``
+    (tokens the queries need would be overwritten); with a ring smaller than the look-back
+    (``S < window_left``, a cache made with ``max_length < window``), ``length > S`` (keys in
+    the window were already evicted).
+
+  Under ``jax.jit`` (traced values) ``num_new`` is clipped to ``[0, T]``, and overflowing the
+  cache across calls cannot be reported: keeping ``length + num_new <= S`` (no window) is the
+  caller's contract.
+
+  Sharding: under an explicit-axes mesh each new array is resharded like its buffer before it
+  is written (so a head-sharded cache from ``init_cache`` takes head-sharded keys as they are,
+  and a replicated buffer takes any), and the updated buffers keep the buffers' sharding.
   """
   B, S = pos.shape
   T = new[0].shape[1]
+  if window_left is None and T > S:
+    raise ValueError(f"{T} new tokens do not fit the KV cache: it holds {S} tokens (the "
+                     f"max_length given to init_cache), and without a window every token of a "
+                     f"sequence must stay in the cache; create the cache with max_length >= "
+                     f"the prompt length plus the tokens to generate")
   t = jnp.arange(T, dtype=jnp.int32)[None, :]
   if num_new is None:
     num_new = jnp.full((B,), T, jnp.int32)
-  num_new = jnp.asarray(num_new, jnp.int32)
+  num_new = jnp.asarray(num_new)
+  if not jnp.issubdtype(num_new.dtype, jnp.integer):
+    raise ValueError(f"num_new must be an integer array [B]=[{B}], got dtype {num_new.dtype}")
+  num_new = num_new.astype(jnp.int32)
   if num_new.shape != (B,):
     raise ValueError(f"num_new must have shape [B]=[{B}], got {num_new.shape}")
+  nn_val = _concrete(num_new)
+  if nn_val is not None and (nn_val.min() < 0 or nn_val.max() > T):
+    raise ValueError(f"num_new={nn_val.tolist()} must lie in [0, T] with T={T} (the number of "
+                     f"new tokens passed; num_new counts how many of them are real)")
+  num_new = jnp.clip(num_new, 0, T)   # defined behaviour under jit (a no-op when valid)
   length = jnp.asarray(length, jnp.int32)
+  len_val = _concrete(length)
+  if len_val is not None and nn_val is not None:
+    if window_left is None and (len_val + nn_val).max() > S:
+      raise ValueError(f"the KV cache overflows: cache length {len_val.tolist()} + num_new "
+                       f"{nn_val.tolist()} tokens exceed its {S} slots (the max_length given to "
+                       f"init_cache); without a window every token of a sequence must stay in "
+                       f"the cache")
+    if window_left is not None and S < window_left and len_val.max() > S:
+      raise ValueError(f"the ring KV cache of {S} slots (init_cache's max_length, smaller than "
+                       f"the window {window_left + 1}) has evicted keys still in the window: "
+                       f"cache length {len_val.tolist()} > {S}; create the cache with "
+                       f"max_length >= the window or >= the total sequence length")
   q_pos = length[:, None] + t                      # [B, T]
   q_valid = t < num_new[:, None]
   write = q_valid & (t >= (num_new[:, None] - S))  # only the last S real tokens survive
   slots = jnp.where(write, q_pos % S, S)            # S = out of range -> dropped
   b_idx = jnp.arange(B)[:, None]
+  new = tuple(match_sharding(x.astype(b.dtype), b) for b, x in zip(buffers, new))
 
   def scatter(buf, x):
-    return buf.at[b_idx, slots].set(x.astype(buf.dtype), mode="drop")
+    return buf.at[b_idx, slots].set(x, mode="drop")
 
   new_buffers = tuple(scatter(b, x) for b, x in zip(buffers, new))
   new_pos = pos.at[b_idx, slots].set(q_pos, mode="drop")
@@ -500,7 +619,7 @@ def cache_step(buffers: Sequence[jax.Array], new: Sequence[jax.Array], pos, leng
     attn = new_buffers
     kv_pos, kv_valid = new_pos, new_pos >= 0
   else:
-    attn = tuple(jnp.concatenate([b, x.astype(b.dtype)], axis=1) for b, x in zip(buffers, new))
+    attn = tuple(jnp.concatenate([b, x], axis=1) for b, x in zip(buffers, new))
     kv_pos = jnp.concatenate([pos, q_pos], axis=1)
     kv_valid = jnp.concatenate([pos >= 0, q_valid], axis=1)
   return CacheStep(
@@ -513,6 +632,87 @@ def cache_step(buffers: Sequence[jax.Array], new: Sequence[jax.Array], pos, leng
       pos=new_pos,
       length=length + num_new,
   )
+
+
+def shard_heads_like(x, kernel, kernel_head_axis: int):
+  """``x [B, S, H, D]`` (a cache buffer) with its head axis sharded like axis
+  ``kernel_head_axis`` of the projection ``kernel`` that produces those heads, under an
+  explicit-axes mesh; batch, slot and feature axes replicated. Unchanged elsewhere (no mesh,
+  GSPMD meshes, where shardings propagate)."""
+  spec = explicit_spec(kernel)
+  if spec is None:
+    return x
+  want = (None, None, spec[kernel_head_axis]) + (None,) * (x.ndim - 3)
+  if explicit_spec(x) == want:
+    return x
+  return jax.sharding.reshard(x, jax.sharding.NamedSharding(jax.typeof(kernel).sharding.mesh,
+                                                            jax.sharding.PartitionSpec(*want)))
+
+
+def check_cache_shapes(owner: str, cache, expected: dict, hint: str):
+  """Raise ``ValueError`` unless each field of ``cache`` named in ``expected`` has the shape
+  given there (``None`` entries match any size; ``"S"`` must be the same size in every field
+  that names it). The message lists the cache's shapes, the expected ones and ``hint``."""
+  got = {f: tuple(getattr(cache, f).shape) for f in expected}
+  slots = set()
+  ok = True
+  for f, want in expected.items():
+    g = got[f]
+    if len(g) != len(want):
+      ok = False
+      continue
+    for gd, wd in zip(g, want):
+      if wd == "S":
+        slots.add(gd)
+      elif wd is not None and gd != wd:
+        ok = False
+  if ok and len(slots) <= 1:
+    return
+  fmt = lambda shape: "[" + ", ".join("S" if d == "S" else "*" if d is None else str(d)
+                                      for d in shape) + "]"
+  raise ValueError(f"{owner}: the cache does not fit this layer and input: it has "
+                   + ", ".join(f"{f} {list(g)}" for f, g in got.items())
+                   + "; expected " + ", ".join(f"{f} {fmt(w)}" for f, w in expected.items())
+                   + f" (S = the cache's slots, the same in every field); {hint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Score mods held by layers
+# ---------------------------------------------------------------------------------------------
+
+class ScoreModConstant(nnx.Variable):
+  """A fixed (non-trainable) array leaf of a layer's score mod (``score_mod_trainable=False``):
+  ``nnx.grad`` and ``nnx.Optimizer(wrt=nnx.Param)`` leave it alone."""
+
+
+class StoredScoreMod(nnx.Module):
+  """A score mod given to a layer's constructor, kept so that its arrays are layer state.
+
+  The mod's pytree leaves (its ``params``: ALiBi slopes, bias tables, low-rank factors) are
+  stored as ``nnx.Param`` when ``trainable`` and floating point, otherwise as
+  :class:`ScoreModConstant`; the pytree structure (the function and its static settings) is
+  static. :meth:`get` rebuilds the mod from the current values at call time, so gradients of
+  ``nnx.grad`` reach the trainable leaves exactly as ``jax.grad`` of
+  :func:`attnjax.attention` reaches the params of the same mod. Arrays captured by a
+  :func:`attnjax.scores.from_function` closure are not leaves of the mod (they are hoisted
+  only when a backend binds it) and stay constants; pass such learnable arrays through a
+  built-in mod, or build the mod from ``nnx.Param`` values and pass it at call time."""
+
+  def __init__(self, score_mod, *, trainable: bool = True):
+    leaves, self.treedef = jax.tree.flatten(score_mod)
+    self.trainable = bool(trainable)
+
+    def wrap(leaf):
+      leaf = jnp.asarray(leaf)
+      if self.trainable and jnp.issubdtype(leaf.dtype, jnp.floating):
+        return nnx.Param(leaf)
+      return ScoreModConstant(leaf)
+
+    self.leaves = nnx.List([wrap(leaf) for leaf in leaves])
+
+  def get(self):
+    """The score mod with the current values of its leaves."""
+    return jax.tree.unflatten(self.treedef, [v[...] for v in self.leaves])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,7 +736,9 @@ def combine_masks(*ms):
 
 
 __all__ = [
-    "AXIS_RULES", "mesh_axes", "partitioned", "check_choice", "check_int", "check_divisible",
-    "canonical_dtype", "check_impl", "Projection", "RMSNorm", "apply_rope", "default_positions",
-    "KVCache", "LatentKVCache", "CrossKV", "CacheStep", "cache_step", "attend", "combine_masks",
+    "AXIS_RULES", "mesh_axes", "partitioned", "mesh_axis_size", "check_choice", "check_int",
+    "check_divisible", "check_real", "check_bool", "canonical_dtype", "check_impl",
+    "check_cache_shapes", "Projection", "RMSNorm", "apply_rope", "default_positions", "KVCache",
+    "LatentKVCache", "CrossKV", "CacheStep", "cache_step", "shard_heads_like", "ScoreModConstant",
+    "StoredScoreMod", "attend", "combine_masks",
 ]

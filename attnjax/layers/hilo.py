@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 import attnjax
+from attnjax.layers import common
 from attnjax.layers.spatial_reduction import avg_pool_matrix, pool_grid
 from attnjax.layers.window import (check_dim_heads, check_fits, linear, to_grid,
                                    windowed_attention)
@@ -27,7 +28,8 @@ class HiLoAttention(nnx.Module):
   ``grid_size``); ``s = window_size``, ``d = dim / num_heads``, ``scale = qk_scale or d**-0.5``.
 
   Heads are split by ``alpha``: ``l = int(num_heads * alpha)`` Lo-Fi heads and ``num_heads - l``
-  Hi-Fi heads (with ``s = 1`` all heads are Lo-Fi, which is standard MHSA).
+  Hi-Fi heads (with ``s = 1`` all heads are Lo-Fi, which is standard MHSA). ``alpha`` is a real
+  number in ``[0, 1]`` (Python, numpy or 0-d jax scalar; bools are rejected).
 
   * Hi-Fi (``(H - l) d`` channels): ``q, k, v = x W_qkv^h``; the grid is cut into
     non-overlapping ``s x s`` windows and each head runs softmax attention inside its window;
@@ -61,11 +63,9 @@ class HiLoAttention(nnx.Module):
     if isinstance(window_size, bool) or not isinstance(window_size, (int, np.integer)) \
         or window_size < 1:
       raise ValueError(f"{name}: window_size must be a positive int, got {window_size!r}")
-    if not isinstance(alpha, (int, float)) or not 0.0 <= float(alpha) <= 1.0:
-      raise ValueError(f"{name}: alpha={alpha!r} must be a number in [0, 1] (the fraction of "
-                       f"Lo-Fi heads)")
+    alpha = common.check_real(f"{name}: alpha (the fraction of Lo-Fi heads)", alpha, 0.0, 1.0)
     self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
-    self.window_size, self.alpha = int(window_size), float(alpha)
+    self.window_size, self.alpha = int(window_size), alpha
     self.l_heads = int(num_heads * alpha)
     if self.window_size == 1:
       self.l_heads = num_heads  # s = 1: standard MHSA, all heads Lo-Fi

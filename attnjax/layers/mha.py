@@ -112,10 +112,21 @@ class MultiHeadAttention(nnx.Module):
   and ``bias`` modify the logits; ``sinks=True`` adds learned per-head sink logits joining the
   softmax denominator (a call-time ``sinks [H]`` array is used when the layer has none).
 
+  The constructor's ``score_mod`` is layer state: its arrays (ALiBi slopes, relative-bias
+  tables, low-rank factors) are stored as ``nnx.Param`` and trained by ``nnx.grad`` /
+  ``nnx.Optimizer(wrt=nnx.Param)`` like the other weights (gradients equal those
+  ``attnjax.attention`` gives the same mod); ``score_mod_trainable=False`` stores them as
+  constants (:class:`attnjax.layers.common.ScoreModConstant`), e.g. for ALiBi's fixed
+  geometric slopes. Arrays captured by a :func:`attnjax.scores.from_function` closure stay
+  constants either way (see :class:`attnjax.layers.common.StoredScoreMod`).
+
   Decoding: :meth:`init_cache` and :meth:`decode` (causal self attention), with per-example
   cache lengths. With ``window`` the cache is a ring buffer of ``W`` slots, so its memory is
-  bounded by the window; without, ``max_length`` must cover every token of a sequence (past it
-  the oldest slots are overwritten, which jit cannot report).
+  bounded by the window, and a call may pass any number of tokens; without, ``max_length``
+  must cover every token of a sequence: a call with more new tokens than the cache holds
+  raises ``ValueError`` (a shape fact, also under jit), and so does an eager call whose cache
+  length plus ``num_new`` exceeds it; under jit that overflow cannot be reported (the oldest
+  slots are overwritten), so staying within ``max_length`` is the caller's contract.
   Cross attention decodes by projecting the memory once (:meth:`project_memory`) and passing
   the result as ``kv`` with the new tokens' ``positions``.
 
@@ -128,6 +139,16 @@ class MultiHeadAttention(nnx.Module):
   Parameters are ``param_dtype`` (float32); projections and attention run in ``dtype``
   (float32 or bfloat16); the output has ``dtype``. Kernels carry sharding annotations whose
   head axes map to the ``"tensor"`` mesh axis (:data:`attnjax.layers.common.AXIS_RULES`).
+  Key/value heads (``"kv_heads"``) are replicated instead when ``num_kv_heads == 1`` or when
+  the mesh active at construction (``jax.set_mesh``) splits ``"kv_heads"`` over a number of
+  devices that does not divide ``num_kv_heads`` (e.g. 2 KV heads, tensor axis of 4): every
+  device then holds all KV heads, the usual practice when the tensor-parallel degree exceeds
+  the KV-head count, while the query heads stay split. Replication is chosen over an error
+  because the mesh is known exactly there and the result is the same computation. A layer
+  built without a mesh keeps the ``"kv_heads"`` annotation; whoever applies it on a mesh must
+  replicate non-divisible dimensions, as :func:`attnjax.training.mesh.param_shardings` does.
+  Under an explicit-axes mesh the KV cache is sharded like the keys/values (:meth:`init_cache`)
+  and decoding works as the parallel forward does.
   """
 
   def __init__(self, num_heads: int, in_features: int, *, head_dim: int | None = None,
@@ -138,7 +159,7 @@ class MultiHeadAttention(nnx.Module):
                sinks: bool = False, rope_theta: float | None = None, qk_norm: bool = False,
                gate: str | None = None, use_bias: bool = False, out_bias: bool = False,
                dtype="float32", param_dtype="float32", impl: str = "auto",
-               rngs: nnx.Rngs):
+               score_mod_trainable: bool = True, rngs: nnx.Rngs):
     self.num_heads = common.check_int("num_heads", num_heads, 1)
     self.in_features = common.check_int("in_features", in_features, 1)
     if head_dim is None:
@@ -150,10 +171,12 @@ class MultiHeadAttention(nnx.Module):
     if self.num_kv_heads > self.num_heads:
       raise ValueError(f"num_kv_heads={self.num_kv_heads} must be <= num_heads={self.num_heads}")
     common.check_divisible("num_heads", self.num_heads, "num_kv_heads", self.num_kv_heads)
-    self.v_head_dim = common.check_int("v_head_dim", v_head_dim or self.head_dim, 1)
-    self.in_kv_features = common.check_int("in_kv_features",
-                                           in_kv_features or self.in_features, 1)
-    self.out_features = common.check_int("out_features", out_features or self.in_features, 1)
+    self.v_head_dim = common.check_int(
+        "v_head_dim", self.head_dim if v_head_dim is None else v_head_dim, 1)
+    self.in_kv_features = common.check_int(
+        "in_kv_features", self.in_features if in_kv_features is None else in_kv_features, 1)
+    self.out_features = common.check_int(
+        "out_features", self.in_features if out_features is None else out_features, 1)
     self.causal = bool(causal)
     self.window = None if window is None else common.check_int("window", window, 1)
     if mask is not None and not isinstance(mask, masks_lib.Mask):
@@ -162,7 +185,9 @@ class MultiHeadAttention(nnx.Module):
     if score_mod is not None and not isinstance(score_mod, scores_lib.ScoreMod):
       raise ValueError(f"score_mod must be an attnjax.scores.ScoreMod or None, got "
                        f"{type(score_mod).__name__}")
-    self.score_mod = nnx.data(score_mod)
+    self.score_mod_trainable = common.check_bool("score_mod_trainable", score_mod_trainable)
+    self.stored_score_mod = None if score_mod is None else common.StoredScoreMod(
+        score_mod, trainable=self.score_mod_trainable)
     self.rope_theta = None if rope_theta is None else float(rope_theta)
     if self.rope_theta is not None:
       if not self.rope_theta > 0:
@@ -176,7 +201,10 @@ class MultiHeadAttention(nnx.Module):
     self.impl = common.check_impl(impl)
 
     H, Hkv, D, Dv = self.num_heads, self.num_kv_heads, self.head_dim, self.v_head_dim
-    kv_axis = "kv_heads" if Hkv > 1 else None  # a single KV head is replicated
+    # KV heads are replicated when there is one, or when the mesh active at construction
+    # splits "kv_heads" over more devices than evenly divide Hkv (see the class docstring)
+    kv_split = common.mesh_axis_size("kv_heads")
+    kv_axis = "kv_heads" if Hkv > 1 and (kv_split is None or Hkv % kv_split == 0) else None
     proj = dict(dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
     self.query = common.Projection((self.in_features,), (H, D), ("embed",),
                                    ("heads", "head_dim"), use_bias=use_bias, **proj)
@@ -272,6 +300,11 @@ class MultiHeadAttention(nnx.Module):
         max_branches=cp.max_branches)
 
   # ------------------------------------------------------------------------------ masks
+  @property
+  def score_mod(self) -> scores_lib.ScoreMod | None:
+    """The constructor's score mod, rebuilt from the layer's current parameter values."""
+    return None if self.stored_score_mod is None else self.stored_score_mod.get()
+
   @property
   def window_left(self) -> int | None:
     """Farthest look-back of the layer's own mask (``None``: unbounded)."""
@@ -403,13 +436,21 @@ class MultiHeadAttention(nnx.Module):
   # ------------------------------------------------------------------------------ decoding
   def init_cache(self, batch_size: int, max_length: int, *, dtype=None) -> common.KVCache:
     """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens. With a
-    ``window`` the cache is a ring buffer of ``min(window, max_length)`` slots."""
+    ``window`` the cache is a ring buffer of ``min(window, max_length)`` slots.
+
+    Under an explicit-axes mesh the key/value buffers ``[B, S, Hkv, D]`` have their head axis
+    sharded like the layer's key/value projections produce it (``"kv_heads"``, or replicated
+    when the layer replicates its KV heads) and the other axes replicated; :meth:`decode`
+    reshards the new tokens' keys/values to the cache's sharding before writing them."""
     self._require_decodable()
     common.check_int("max_length", max_length, 1)
     cap = max_length if self.window is None else min(max_length, self.window)
     dt = self.dtype if dtype is None else common.canonical_dtype("dtype", dtype)
-    return common.KVCache.create(batch_size, cap, self.num_kv_heads, self.head_dim,
-                                 self.v_head_dim, dt)
+    cache = common.KVCache.create(batch_size, cap, self.num_kv_heads, self.head_dim,
+                                  self.v_head_dim, dt)
+    return dataclasses.replace(
+        cache, k=common.shard_heads_like(cache.k, self.key.kernel[...], 1),
+        v=common.shard_heads_like(cache.v, self.value.kernel[...], 1))
 
   def _require_decodable(self):
     if not self.causal:
@@ -425,6 +466,13 @@ class MultiHeadAttention(nnx.Module):
     if not isinstance(cache, common.KVCache):
       raise ValueError(f"cache must be a KVCache (from init_cache), got {type(cache).__name__}")
     B, T = x.shape[:2]
+    Hkv, D, Dv = self.num_kv_heads, self.head_dim, self.v_head_dim
+    common.check_cache_shapes(
+        f"{type(self).__name__}.decode", cache,
+        dict(k=(B, "S", Hkv, D), v=(B, "S", Hkv, Dv), pos=(B, "S"), length=(B,)),
+        f"x has batch {B} and the layer has num_kv_heads={Hkv}, head_dim={D}, "
+        f"v_head_dim={Dv}; create the cache with this layer's init_cache(batch_size={B}, "
+        f"max_length)")
     q_pos = jnp.asarray(cache.length, jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
     q = self.project_q(x, q_pos)
     k, v = self.project_kv(x, q_pos)
@@ -442,10 +490,16 @@ class MultiHeadAttention(nnx.Module):
              sinks=None):
     """Incremental causal self attention: ``x [B, T, in_features]`` are the next ``T`` tokens of
     each sequence (``T`` = prompt length for prefill, 1 for a decode step). ``num_new [B]``
-    (default ``T``) says how many of them are real for each example (right padding; ragged
-    prompts); token ``t`` of example ``b`` is at position ``cache.length[b] + t``. Outputs at
-    padded tokens are those of a row that sees no key. Returns ``(out, new_cache)``; ``out``
-    equals the parallel forward at the same positions."""
+    (integers in ``[0, T]``, default ``T``) says how many of them are real for each example
+    (right padding; ragged prompts); token ``t`` of example ``b`` is at position
+    ``cache.length[b] + t``. Outputs at padded tokens are those of a row that sees no key.
+    Returns ``(out, new_cache)``; ``out`` equals the parallel forward at the same positions.
+
+    ``ValueError`` when ``cache`` does not fit (batch, KV heads, head dims), when a cache
+    without window holds fewer than ``T`` tokens, and, for concrete (not traced) values, when
+    ``num_new`` is outside ``[0, T]`` or the cache would overflow (see
+    :func:`attnjax.layers.common.cache_step`). Under jit, ``num_new`` is clipped to
+    ``[0, T]``."""
     y, new_cache = self.decode_heads(x, cache, num_new=num_new, mask=mask, score_mod=score_mod,
                                      sinks=sinks)
     return self.finish(x, y), new_cache

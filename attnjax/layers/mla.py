@@ -46,7 +46,10 @@ class MultiHeadLatentAttention(nnx.Module):
   (``d_c + d_R`` numbers per token, independent of ``n``) in both forms; the unabsorbed form
   up-projects the cached latent at every step. RoPE uses the rotate-half layout
   (:func:`attnjax.layers.common.apply_rope`). Masks (``causal``, ``window``, ``mask``), score
-  mods and sinks act on ``score_i`` as in :class:`attnjax.layers.mha.MultiHeadAttention`.
+  mods and sinks act on ``score_i`` as in :class:`attnjax.layers.mha.MultiHeadAttention`; as
+  there, the constructor's ``score_mod`` arrays are ``nnx.Param`` (trained) unless
+  ``score_mod_trainable=False`` stores them as constants. ``v_head_dim`` / ``out_features``
+  default (``None``) to ``qk_nope_head_dim`` / ``in_features``; given, they must be >= 1.
   """
 
   def __init__(self, num_heads: int, in_features: int, *, kv_lora_rank: int,
@@ -56,7 +59,7 @@ class MultiHeadLatentAttention(nnx.Module):
                mask: masks_lib.Mask | None = None, score_mod: scores_lib.ScoreMod | None = None,
                sinks: bool = False, rope_theta: float = 10000.0, absorb: bool = False,
                norm_eps: float = 1e-6, dtype="float32", param_dtype="float32",
-               impl: str = "auto", rngs: nnx.Rngs):
+               impl: str = "auto", score_mod_trainable: bool = True, rngs: nnx.Rngs):
     self.num_heads = H = common.check_int("num_heads", num_heads, 1)
     self.in_features = C = common.check_int("in_features", in_features, 1)
     self.kv_lora_rank = dc = common.check_int("kv_lora_rank", kv_lora_rank, 1)
@@ -64,10 +67,12 @@ class MultiHeadLatentAttention(nnx.Module):
     self.qk_rope_head_dim = dr = common.check_int("qk_rope_head_dim", qk_rope_head_dim, 2)
     if dr % 2:
       raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {dr}")
-    self.v_head_dim = dv = common.check_int("v_head_dim", v_head_dim or dn, 1)
+    self.v_head_dim = dv = common.check_int("v_head_dim", dn if v_head_dim is None else
+                                            v_head_dim, 1)
     self.q_lora_rank = None if q_lora_rank is None else common.check_int("q_lora_rank",
                                                                          q_lora_rank, 1)
-    self.out_features = common.check_int("out_features", out_features or C, 1)
+    self.out_features = common.check_int("out_features", C if out_features is None else
+                                         out_features, 1)
     self.causal = bool(causal)
     self.window = None if window is None else common.check_int("window", window, 1)
     if mask is not None and not isinstance(mask, masks_lib.Mask):
@@ -76,7 +81,9 @@ class MultiHeadLatentAttention(nnx.Module):
     if score_mod is not None and not isinstance(score_mod, scores_lib.ScoreMod):
       raise ValueError(f"score_mod must be an attnjax.scores.ScoreMod or None, got "
                        f"{type(score_mod).__name__}")
-    self.score_mod = nnx.data(score_mod)
+    self.score_mod_trainable = common.check_bool("score_mod_trainable", score_mod_trainable)
+    self.stored_score_mod = None if score_mod is None else common.StoredScoreMod(
+        score_mod, trainable=self.score_mod_trainable)
     self.rope_theta = float(rope_theta)
     if not self.rope_theta > 0:
       raise ValueError(f"rope_theta must be > 0, got {rope_theta}")
@@ -110,6 +117,11 @@ class MultiHeadLatentAttention(nnx.Module):
       self.sinks = None
 
   # ------------------------------------------------------------------------------ pieces
+  @property
+  def score_mod(self) -> scores_lib.ScoreMod | None:
+    """The constructor's score mod, rebuilt from the layer's current parameter values."""
+    return None if self.stored_score_mod is None else self.stored_score_mod.get()
+
   @property
   def window_left(self) -> int | None:
     return None if self.window is None else self.window - 1
@@ -214,7 +226,8 @@ class MultiHeadLatentAttention(nnx.Module):
   def decode(self, x, cache: common.LatentKVCache, *, num_new=None, mask=None, score_mod=None,
              sinks=None, absorb: bool | None = None):
     """Incremental causal call (prefill or decode step); see
-    :meth:`attnjax.layers.mha.MultiHeadAttention.decode`. Default form is absorbed.
+    :meth:`attnjax.layers.mha.MultiHeadAttention.decode` (``num_new`` in ``[0, T]``; the same
+    ``ValueError`` checks of the cache's shapes and capacity). Default form is absorbed.
     Returns ``(out, new_cache)``."""
     if not self.causal:
       raise ValueError("decoding with a KV cache needs causal=True (allowed: causal self "
@@ -224,7 +237,13 @@ class MultiHeadLatentAttention(nnx.Module):
                        f"{type(cache).__name__}")
     if x.ndim != 3 or x.shape[-1] != self.in_features:
       raise ValueError(f"x must be [B, T, in_features={self.in_features}], got {x.shape}")
-    T = x.shape[1]
+    B, T = x.shape[:2]
+    dc, dr = self.kv_lora_rank, self.qk_rope_head_dim
+    common.check_cache_shapes(
+        f"{type(self).__name__}.decode", cache,
+        dict(latent=(B, "S", dc), k_rope=(B, "S", dr), pos=(B, "S"), length=(B,)),
+        f"x has batch {B} and the layer has kv_lora_rank={dc}, qk_rope_head_dim={dr}; create "
+        f"the cache with this layer's init_cache(batch_size={B}, max_length)")
     pos = jnp.asarray(cache.length, jnp.int32)[:, None] + jnp.arange(T, dtype=jnp.int32)
     q_c, q_r = self.queries(x, pos)
     c, k_r = self.latents(x, pos)

@@ -76,9 +76,11 @@ class _NeighborhoodAttention(nnx.Module):
     self.dilation = as_tuple(name, "dilation", dilation, nd)
     self.stride = as_tuple(name, "stride", stride, nd)
     causal = tuple(is_causal) if isinstance(is_causal, (tuple, list)) else (is_causal,) * nd
-    if len(causal) != nd or not all(isinstance(c, bool) for c in causal):
-      raise ValueError(f"{name}: is_causal={is_causal!r} must be a bool or {nd} bools")
-    self.is_causal = causal
+    if len(causal) != nd:
+      raise ValueError(f"{name}: is_causal={is_causal!r} has {len(causal)} entries; expected "
+                       f"a bool or {nd} bools (one per grid axis)")
+    self.is_causal = tuple(common.check_bool(f"{name}: is_causal={is_causal!r} entry", c)
+                           for c in causal)
     for a in range(nd):
       if self.stride[a] > self.kernel_size[a]:
         raise ValueError(f"{name}: stride={self.stride} exceeds kernel_size={self.kernel_size} "
@@ -147,7 +149,9 @@ class _NeighborhoodAttention(nnx.Module):
     row-major order over ``grid_size`` (``T`` = prompt length for prefill, 1 per step);
     token ``t`` of example ``b`` is at flat position ``cache.length[b] + t``. ``num_new [B]``
     marks how many are real (ragged batches). Returns ``(out [B, T, dim], new_cache)``; ``out``
-    equals the parallel forward over the full grid at the same positions."""
+    equals the parallel forward over the full grid at the same positions. ``ValueError`` for a
+    cache that does not fit (batch, heads, grid), more tokens than the grid holds, and the
+    checks of :func:`attnjax.layers.common.cache_step` (``num_new`` in ``[0, T]``)."""
     name = type(self).__name__
     grid = self._check_decodable(grid_size)
     if x.ndim != 3 or x.shape[-1] != self.dim:
@@ -156,6 +160,11 @@ class _NeighborhoodAttention(nnx.Module):
       raise ValueError(f"{name}.decode: cache must be a KVCache from init_cache(batch, "
                        f"grid_size={grid}) (capacity {math.prod(grid)})")
     b, t = x.shape[:2]
+    n, h, d = math.prod(grid), self.num_heads, self.head_dim
+    common.check_cache_shapes(
+        f"{name}.decode", cache, dict(k=(b, n, h, d), v=(b, n, h, d), pos=(b, n), length=(b,)),
+        f"x has batch {b} and the layer has num_heads={h}, head_dim={d}; create the cache with "
+        f"this layer's init_cache(batch_size={b}, grid_size={grid})")
     qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     step = common.cache_step((cache.k, cache.v), (k, v), cache.pos, cache.length, num_new,
@@ -201,10 +210,11 @@ Decoding: with every axis causal, ``init_cache(batch, grid_size)`` and
 steps, ragged batches) and equal the parallel forward.
 
 Arguments: ``kernel_size``, ``dilation``, ``stride`` are ints or per-axis tuples,
-``is_causal`` a bool or per-axis tuple; ``kernel_size * dilation`` must not exceed the grid and
-``stride <= kernel_size`` (``ValueError`` otherwise). ``dtype`` is the compute dtype (``None``:
-Flax promotion of input and float32 params), ``param_dtype`` the parameter dtype, ``impl`` the
-``attnjax.attention`` backend.
+``is_causal`` a bool or per-axis tuple (Python or numpy bools; ints are rejected);
+``kernel_size * dilation`` must not exceed the grid and ``stride <= kernel_size``
+(``ValueError`` otherwise). ``dtype`` is the compute dtype (``None``: Flax promotion of input
+and float32 params), ``param_dtype`` the parameter dtype, ``impl`` the ``attnjax.attention``
+backend.
 
 Sharding (``attnjax.layers.common.AXIS_RULES``): the ``proj`` kernel's input axis
 (``("heads", "embed")``) and the head axis of ``rpb`` go to the ``"tensor"`` mesh axis. The

@@ -71,9 +71,10 @@ def generate(model, prompt, max_new_tokens: int, *, rng=None, temperature: float
 
   ``temperature = 0``: greedy; ``temperature > 0``: sample ``softmax(logits / temperature)``
   restricted to the ``top_k`` largest logits (all if None), with ``rng`` (a JAX key; required
-  when sampling). ``use_cache=True`` prefills the prompt into ``model.init_cache`` and then
-  decodes one token per step inside a ``jax.lax.fori_loop`` (one compiled program per model
-  structure, shapes and sampling settings); ``use_cache=False`` recomputes the full forward
+  when sampling); prompt ids outside ``[0, vocab_size)`` raise ``ValueError``.
+  ``use_cache=True`` prefills the prompt into ``model.init_cache`` and then decodes one token
+  per step inside a ``jax.lax.fori_loop`` (one compiled program per model structure, shapes and
+  sampling settings); ``use_cache=False`` recomputes the full forward
   over the fixed-size token buffer at every step (slow; the reference for tests, and the way
   to generate with an attention that has no KV cache). All prompts have length ``T0``.
   Context parallelism (``model.set_context_parallel``) is ignored by the cached path and an
@@ -83,6 +84,8 @@ def generate(model, prompt, max_new_tokens: int, *, rng=None, temperature: float
   if prompt.ndim != 2 or prompt.shape[1] < 1 or not jnp.issubdtype(prompt.dtype, jnp.integer):
     raise ValueError(f"prompt must be an int array [B, T0] with T0 >= 1, got "
                      f"{prompt.dtype}{prompt.shape}")
+  if callable(getattr(model, "check_tokens", None)):
+    model.check_tokens(prompt, "prompt")  # ids in [0, vocab_size) (generation runs under jit)
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
       or max_new_tokens < 0:
     raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")

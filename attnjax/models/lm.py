@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attnjax.backends.base import explicit_spec
@@ -101,6 +102,14 @@ class DecoderLM(nnx.Module):
   ``return_aux=True`` also returns the sum of the layers' auxiliary losses (MoH load
   balancing; 0.0 for the others), a float32 scalar to be weighted by the caller.
 
+  Token ids must lie in ``[0, vocab_size)``. Concrete (not traced) ids outside it raise
+  ``ValueError`` naming them (``__call__``, :meth:`decode`, and ``generate``'s prompt). Under
+  ``jax.jit`` the check is impossible; there an out-of-range id (negative ones included, which
+  do not wrap around) embeds as NaN on every path (with or without an explicit-axes mesh), so
+  the logits of its sequence are NaN from that position on (dense attention backends spread
+  it to earlier positions too: masked keys still enter the value product with weight 0),
+  never those of some other token.
+
   Context (sequence) parallelism: :meth:`set_context_parallel` makes every attention layer run
   :func:`attnjax.parallel.context_parallel_attention` over a mesh axis. The tokens are then in
   a load-balancing layout (:func:`attnjax.parallel.load_balance_permutation` applied to the
@@ -151,18 +160,38 @@ class DecoderLM(nnx.Module):
         param_dtype=self.param_dtype, rngs=rngs)
 
   # ------------------------------------------------------------------------------ pieces
-  def _embed(self, tokens):
+  def check_tokens(self, tokens, name: str = "tokens"):
+    """``ValueError`` unless ``tokens`` is an int array ``[B, T]`` whose values, when concrete
+    (not traced), lie in ``[0, vocab_size)``. Returns ``tokens`` as a jax array."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(f"tokens must be an int array [B, T], got {tokens.dtype}{tokens.shape}")
+      raise ValueError(f"{name} must be an int array [B, T], got {tokens.dtype}{tokens.shape}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+      vals = np.asarray(tokens)
+      bad = (vals < 0) | (vals >= self.vocab_size)
+      if bad.any():
+        where = np.argwhere(bad)
+        shown = ", ".join(f"{name}[{b}, {t}]={int(vals[b, t])}" for b, t in where[:5])
+        more = f" (and {len(where) - 5} more)" if len(where) > 5 else ""
+        raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size}); got "
+                         f"{shown}{more}")
+    return tokens
+
+  def _embed(self, tokens):
+    tokens = self.check_tokens(tokens)
     table = self.embedding[...]
-    spec = explicit_spec(tokens)
-    if spec is None:
-      return jnp.take(table, tokens, axis=0).astype(self.dtype)
+    # ids outside [0, vocab) (negative ones included: no wrap-around) all go to row V, out of
+    # range, which the gather fills with NaN: the same on both paths below
+    V = self.vocab_size
+    ids = tokens.astype(jnp.int32)
+    ids = jnp.where((ids >= 0) & (ids < V), ids, V)
     # explicit-sharding mesh: the gathered rows follow the tokens' sharding (the table's vocab
     # axis may be sharded over "tensor"; the gather then needs the output spec spelled out)
-    return table.at[tokens].get(out_sharding=jax.sharding.PartitionSpec(*spec, None),
-                                mode="clip").astype(self.dtype)
+    spec = explicit_spec(ids)
+    if spec is None and explicit_spec(table) is not None:
+      spec = (None,) * ids.ndim   # tokens without a mesh type: replicated
+    kw = {} if spec is None else {"out_sharding": jax.sharding.PartitionSpec(*spec, None)}
+    return table.at[ids].get(mode="fill", fill_value=jnp.nan, **kw).astype(self.dtype)
 
   def _logits(self, x):
     x = self.final_norm(x)

@@ -113,8 +113,13 @@ class Dense(nnx.Module):
         rngs.params(), (int(out_features),), param_dtype)) if use_bias else None
 
   def __call__(self, x, out_dtype=None):
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    kernel = self.kernel[...].astype(self.dtype)
+    kw = {}
+    out_spec = common.explicit_out_spec(x, kernel, 1)  # explicit-axes mesh: state the output
+    if out_spec is not None:                            # sharding (contracted axes may be split)
+      kw["out_sharding"] = jax.sharding.PartitionSpec(*out_spec)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32, **kw)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(out_dtype or self.dtype)

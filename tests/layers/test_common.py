@@ -100,3 +100,50 @@ def test_cache_step_ring_buffer():
   assert st2.attn[0].shape == (B, S, 1)
   np.testing.assert_array_equal(st2.pos, [[4, 5, 6, 3], [0, 1, 2, 3]])
   np.testing.assert_array_equal(st2.q_positions, [[6], [3]])
+
+
+def test_cache_step_rejects_what_would_give_wrong_numbers():
+  """No window: more new tokens than slots raises (a shape fact, also under jit); concrete
+  num_new outside [0, T] raises, traced ones are clipped; an eager overflow raises. A ring
+  smaller than the look-back (init_cache with max_length < window) raises once it has evicted
+  keys still in the window; a ring of window slots takes any chunk length."""
+  B, S = 1, 3
+  buf = (jnp.zeros((B, S, 1), jnp.float32),)
+  pos = jnp.full((B, S), -1, jnp.int32)
+  new = lambda T: (jnp.arange(T, dtype=jnp.float32).reshape(B, T, 1) + 1,)
+  step = jax.jit(common.cache_step, static_argnums=5)
+  with pytest.raises(ValueError, match="4 new tokens do not fit the KV cache: it holds 3"):
+    step(buf, new(4), pos, jnp.zeros((B,), jnp.int32), None, None)
+  with pytest.raises(ValueError, match=r"num_new=\[3\] must lie in \[0, T\] with T=2"):
+    common.cache_step(buf, new(2), pos, jnp.zeros((B,), jnp.int32), jnp.asarray([3]), None)
+  st = step(buf, new(2), pos, jnp.zeros((B,), jnp.int32), jnp.asarray([5]), None)
+  np.testing.assert_array_equal(st.length, [2])   # clipped under jit
+  with pytest.raises(ValueError, match=r"overflows: cache length \[2\] \+ num_new \[2\]"):
+    common.cache_step(st.buffers, new(2), st.pos, st.length, None, None)
+  # a 3-slot ring under a look-back of 4: exact until something in the window is evicted
+  st = common.cache_step(buf, new(4), pos, jnp.zeros((B,), jnp.int32), None, 4)
+  assert st.attn[0].shape == (B, S + 4, 1)   # old cache + the new tokens: this call is exact
+  with pytest.raises(ValueError, match="has evicted keys still in the window"):
+    common.cache_step(st.buffers, new(1), st.pos, st.length, None, 4)
+  # a ring of window slots (S = window_left + 1) takes a chunk longer than itself
+  st = common.cache_step(buf, new(5), pos, jnp.zeros((B,), jnp.int32), None, 2)
+  st = common.cache_step(st.buffers, new(1), st.pos, st.length, None, 2)
+  np.testing.assert_array_equal(st.pos, [[3, 4, 5]])
+
+
+def test_real_and_bool_checks_accept_numpy_and_jax_scalars():
+  for v in (0.5, np.float32(0.5), np.float64(0.5), jnp.float32(0.5), jnp.bfloat16(0.5),
+            np.asarray(0.5)):
+    assert common.check_real("alpha", v, 0.0, 1.0) == 0.5
+  assert common.check_real("alpha", np.int64(1), 0.0, 1.0) == 1.0
+  for bad in (True, np.True_, jnp.asarray(True), "0.5", [0.5], 1 + 0j):
+    with pytest.raises(ValueError, match="alpha must be a real number in"):
+      common.check_real("alpha", bad, 0.0, 1.0)
+  with pytest.raises(ValueError, match=r"alpha must be a finite real number in \[0.0, 1.0\], "
+                     r"got 1.5"):
+    common.check_real("alpha", np.float32(1.5), 0.0, 1.0)
+  for v, want in ((True, True), (np.False_, False), (jnp.asarray(True), True)):
+    assert common.check_bool("flag", v) is want
+  for bad in (1, 0, np.int32(1), 1.0, "yes", None):
+    with pytest.raises(ValueError, match="flag must be a bool"):
+      common.check_bool("flag", bad)

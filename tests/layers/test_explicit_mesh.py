@@ -74,3 +74,88 @@ def test_attention_on_explicitly_sharded_heads(impl):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=5e-5, rtol=5e-5)
   np.testing.assert_allclose(np.asarray(out), np.asarray(want[0]), atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(np.asarray(lse), np.asarray(want[1]), atol=2e-5, rtol=2e-5)
+
+
+DECODE_LAYERS = {
+    "gqa_rope_sinks_gate": lambda r: layers.MultiHeadAttention(
+        4, 32, num_kv_heads=2, causal=True, rope_theta=100.0, sinks=True, gate="headwise",
+        rngs=r),
+    "mha_window_ring": lambda r: layers.MultiHeadAttention(
+        4, 32, causal=True, window=3, rngs=r),
+    "moh": lambda r: layers.MixtureOfHeadsAttention(
+        4, 32, num_kv_heads=2, num_shared_heads=1, top_k=2, causal=True, rngs=r),
+    "s2": lambda r: layers.StridedHeadsAttention(4, 32, stride=2, local_window=2, rngs=r),
+    "mla": lambda r: layers.MultiHeadLatentAttention(
+        4, 32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, rngs=r),
+}
+
+
+def _out(y):
+  return y[0] if isinstance(y, tuple) else y
+
+
+@pytest.mark.parametrize("name", sorted(DECODE_LAYERS))
+def test_kv_cache_decoding_under_an_explicit_tensor_mesh(name):
+  """KV-cache decoding under an explicit-axes mesh used to fail in the cache write (head-sharded
+  keys scattered into a replicated cache: "Incompatible types for broadcasting") for every
+  MultiHeadAttention-based layer. Now the cache is head-sharded like the keys, and a ragged
+  prefill + steps (eager and nnx.jit) equal the parallel forward, sharded and unsharded."""
+  if len(jax.devices()) < 2:
+    pytest.skip("needs 2 devices (tests/conftest.py simulates 8)")
+  make = DECODE_LAYERS[name]
+  B, L = 2, 9
+  x = jax.random.normal(jax.random.key(5), (B, L, 32), jnp.float32)
+  want = np.asarray(_out(make(nnx.Rngs(0))(x)))
+  mesh = jax.make_mesh((2,), ("tensor",), axis_types=(jax.sharding.AxisType.Explicit,))
+  step = nnx.jit(lambda m, xb, c, n: m.decode(xb, c, num_new=n))
+  with jax.set_mesh(mesh):
+    layer = make(nnx.Rngs(0))
+    np.testing.assert_allclose(np.asarray(_out(layer(x))), want, atol=2e-5, rtol=2e-5)
+    cache = layer.init_cache(B, L)
+    if isinstance(cache, layers.common.KVCache) and getattr(layer, "num_kv_heads", 1) > 1:
+      assert tuple(jax.typeof(cache.k).sharding.spec)[:3] == (None, None, "tensor")
+    lens = np.array([5, 3])
+    y, cache = layer.decode(x[:, :5], cache, num_new=jnp.asarray(lens))   # eager prefill
+    for b in range(B):
+      np.testing.assert_allclose(np.asarray(y[b, :lens[b]]), want[b, :lens[b]], atol=2e-5,
+                                 rtol=2e-5)
+    cur = lens.copy()
+    for size in (1, 3, 1):
+      nn = np.minimum(size, L - cur)
+      xb = np.zeros((B, size, 32), np.float32)
+      for b in range(B):
+        xb[b, :nn[b]] = np.asarray(x[b, cur[b]:cur[b] + nn[b]])
+      y, cache = step(layer, jnp.asarray(xb), cache, jnp.asarray(nn, jnp.int32))
+      for b in range(B):
+        np.testing.assert_allclose(np.asarray(y[b, :nn[b]]), want[b, cur[b]:cur[b] + nn[b]],
+                                   atol=2e-5, rtol=2e-5)
+      cur += nn
+  np.testing.assert_array_equal(np.asarray(cache.length), cur)
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_gqa_replicates_kv_heads_the_tensor_axis_does_not_divide(axis_type):
+  """8 query heads / 2 KV heads on a tensor axis of 4 used to crash at construction inside JAX
+  (IndivisibleError / "does not evenly divide"). The KV heads are now replicated (the query
+  heads stay split), and the layer equals the unsharded one, decoding included. 4 KV heads on
+  4 devices stay sharded."""
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 devices (tests/conftest.py simulates 8)")
+  make = lambda hkv: layers.MultiHeadAttention(8, 32, num_kv_heads=hkv, causal=True,
+                                               rope_theta=100.0, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(6), (2, 6, 32), jnp.float32)
+  want = np.asarray(make(2)(x))
+  mesh = jax.make_mesh((4,), ("tensor",),
+                       axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+  with jax.set_mesh(mesh):
+    layer = make(2)
+    spec = lambda p: tuple(p[...].sharding.spec) + (None,) * (p[...].ndim - len(
+        p[...].sharding.spec))
+    assert spec(layer.key.kernel) == spec(layer.value.kernel) == (None, None, None)
+    assert spec(layer.query.kernel) == (None, "tensor", None)
+    assert tuple(nnx.get_partition_spec(nnx.state(layer))["key"]["kernel"].get_value()) == \
+        (None, None, None)
+    np.testing.assert_allclose(np.asarray(layer(x)), want, atol=2e-5, rtol=2e-5)
+    y, _ = layer.decode(x, layer.init_cache(2, 6))
+    np.testing.assert_allclose(np.asarray(y), want, atol=2e-5, rtol=2e-5)
+    assert spec(make(4).key.kernel) == (None, "tensor", None)

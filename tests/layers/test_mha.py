@@ -9,6 +9,7 @@ from flax import linen as nn
 from flax import nnx
 
 from attnjax import masks, scores
+from attnjax.layers import common
 from attnjax.layers.mha import MultiHeadAttention, sliding_window_attention
 from layers_reference import (build, check_incremental, close, dense, f64, param, pos_mask,
                               rand, rel_err, rms, rope_complex, sdpa, sigmoid)
@@ -272,3 +273,167 @@ def test_decode_requires_causal():
   m = build(MultiHeadAttention, 2, C, causal=False)
   with pytest.raises(ValueError, match="causal"):
     m.init_cache(1, 4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(v_head_dim=0), "v_head_dim must be >= 1, got 0"),
+    (dict(out_features=0), "out_features must be >= 1, got 0"),
+    (dict(in_kv_features=0), "in_kv_features must be >= 1, got 0"),
+    (dict(v_head_dim=-2), "v_head_dim must be >= 1, got -2"),
+])
+def test_zero_or_negative_sizes_are_rejected_not_defaulted(kwargs, match):
+  """Only ``None`` means "default"; 0 used to be replaced by the default silently."""
+  with pytest.raises(ValueError, match=match):
+    MultiHeadAttention(2, C, rngs=nnx.Rngs(0), **kwargs)
+  m = MultiHeadAttention(2, C, v_head_dim=None, out_features=None, in_kv_features=None,
+                         rngs=nnx.Rngs(0))
+  assert (m.v_head_dim, m.out_features, m.in_kv_features) == (m.head_dim, C, C)
+
+
+def test_decode_rejects_more_new_tokens_than_the_cache_holds():
+  """Without a window, a call with T > capacity used to return wrong outputs for every token
+  (only the last `capacity` tokens were written, attention read the cache alone). T is a
+  shape, so the error comes under jit too. Eager calls also report an overflow across calls.
+  A ring buffer (window) takes chunks longer than itself and stays exact."""
+  m = build(MultiHeadAttention, 2, C, causal=True, rope_theta=100.0)
+  x = rand(40, (1, 6, C))
+  with pytest.raises(ValueError, match="6 new tokens do not fit the KV cache: it holds 4"):
+    m.decode(x, m.init_cache(1, max_length=4))
+  with pytest.raises(ValueError, match="6 new tokens do not fit"):
+    nnx.jit(lambda m, x, c: m.decode(x, c))(m, x, m.init_cache(1, max_length=4))
+  _, cache = m.decode(x[:, :3], m.init_cache(1, max_length=4))
+  with pytest.raises(ValueError, match=r"overflows: cache length \[3\] \+ num_new \[2\]"):
+    m.decode(x[:, 3:5], cache)
+  # exactly filling the cache is fine and equals the parallel forward
+  out, cache = m.decode(x[:, 3:4], cache)
+  close(out, ref_forward(m, x[:, :4])[:, 3:4])
+  # ring buffer: a 7-token prefill into 3 slots, then steps, equal the parallel forward
+  w = build(MultiHeadAttention, 2, C, num_kv_heads=1, causal=True, window=3, rope_theta=100.0)
+  xw = rand(41, (2, 9, C))
+  want = ref_forward(w, xw)
+  cache = w.init_cache(2, max_length=16)
+  assert cache.capacity == 3
+  out, cache = w.decode(xw[:, :7], cache)
+  close(out, want[:, :7])
+  for t in (7, 8):
+    out, cache = w.decode(xw[:, t:t + 1], cache)
+    close(out, want[:, t:t + 1])
+
+
+def test_decode_num_new_must_lie_in_0_T():
+  """num_new outside [0, T] used to be accepted: cache.length then disagreed with what was
+  written and every later step was off. Concrete values raise; under jit they are clipped to
+  [0, T] (documented), so num_new=6 for 4 tokens acts as 4."""
+  m = build(MultiHeadAttention, 2, C, causal=True, rope_theta=100.0)
+  x = rand(42, (1, 6, C))
+  want = ref_forward(m, x)
+  for bad in ([6], [-2]):
+    with pytest.raises(ValueError, match=r"num_new=\[%s\] must lie in \[0, T\] with T=4"
+                       % bad[0]):
+      m.decode(x[:, :4], m.init_cache(1, 16), num_new=jnp.asarray(bad))
+  with pytest.raises(ValueError, match="num_new must be an integer array"):
+    m.decode(x[:, :4], m.init_cache(1, 16), num_new=jnp.asarray([2.5]))
+  step = nnx.jit(lambda m, x, c, n: m.decode(x, c, num_new=n))
+  out, cache = step(m, x[:, :4], m.init_cache(1, 16), jnp.asarray([6]))
+  np.testing.assert_array_equal(np.asarray(cache.length), [4])
+  close(out, want[:, :4])
+  out, cache = step(m, x[:, 4:6], cache, jnp.asarray([-3]))   # clipped to 0: nothing written
+  np.testing.assert_array_equal(np.asarray(cache.length), [4])
+  out, cache = step(m, x[:, 4:5], cache, jnp.asarray([1]))
+  close(out, want[:, 4:5])
+
+
+def test_decode_rejects_a_cache_of_the_wrong_shape():
+  """A cache for another batch size / KV-head count / head dim used to fail with a low-level
+  broadcasting error; the error now names the cache's shapes and the expected ones."""
+  m = build(MultiHeadAttention, 2, C, causal=True)
+  x = rand(43, (2, 5, C))
+  other = build(MultiHeadAttention, 2, C, num_kv_heads=1, causal=True)
+  dv = build(MultiHeadAttention, 2, C, v_head_dim=4, causal=True)
+  for cache, shown in ((m.init_cache(3, 8), r"k \[3, 8, 2, 8\]"),
+                       (other.init_cache(2, 8), r"k \[2, 8, 1, 8\]"),
+                       (dv.init_cache(2, 8), r"v \[2, 8, 2, 4\]")):
+    with pytest.raises(ValueError, match=r"MultiHeadAttention.decode: the cache does not fit"
+                       r".*" + shown + r".*expected k \[2, S, 2, 8\], v \[2, S, 2, 8\]"
+                       r".*init_cache\(batch_size=2"):
+      m.decode(x, cache)
+
+
+def _bias_logits(tab, sl, max_distance):
+  """float64 logit_fn of relative_bias(tab, max_distance) (clipped) chained with alibi(sl)."""
+  tab, sl = f64(tab), f64(sl)
+
+  def logit_fn(s):   # s [B, H, Tq, Tk]
+    i, j = np.arange(s.shape[2])[:, None], np.arange(s.shape[3])[None, :]
+    bucket = np.clip(j - i, -max_distance, max_distance) + max_distance
+    return s + tab[:, bucket][None] + sl[None, :, None, None] * (j - i)[None, None]
+  return logit_fn
+
+
+def _ref_grads_by_central_differences(m, x, w, table, slopes, max_distance, eps=1e-4):
+  """d loss / d (table, slopes) of the float64 reference, loss = sum(w * out)."""
+  loss = lambda tab, sl: float(np.sum(f64(w) * ref_forward(
+      m, x, logit_fn=_bias_logits(tab, sl, max_distance))))
+  tab0, sl0 = f64(table), f64(slopes)
+  grads = []
+  for which, arr in enumerate((tab0, sl0)):
+    g = np.zeros_like(arr)
+    for idx in np.ndindex(*arr.shape):
+      d = np.zeros_like(arr)
+      d[idx] = eps
+      plus = [tab0, sl0]
+      minus = [tab0, sl0]
+      plus[which], minus[which] = arr + d, arr - d
+      g[idx] = (loss(*plus) - loss(*minus)) / (2 * eps)
+    grads.append(g)
+  return grads
+
+
+def test_constructor_score_mod_params_are_trained():
+  """The constructor's score-mod arrays used to be stored as plain arrays, silently frozen
+  under nnx.grad / nnx.Optimizer(wrt=nnx.Param). They are nnx.Param now: the gradients equal
+  jax.grad of attnjax.attention with the same mod (and float64 central differences), an
+  optimizer step changes them; score_mod_trainable=False keeps them constant."""
+  import optax
+  import attnjax
+  md = 3
+  mod = scores.chain(scores.relative_bias(rand(44, (2, 2 * md + 1)), md),
+                     scores.alibi(jnp.asarray([0.3, -0.2], jnp.float32)))
+  m = build(MultiHeadAttention, 2, C, causal=True, score_mod=mod)   # every Param randomized
+  params = [v[...] for v in m.stored_score_mod.leaves]
+  assert [type(v) for v in m.stored_score_mod.leaves] == [nnx.Param, nnx.Param]
+  table, slopes = params
+  assert table.shape == (2, 2 * md + 1) and slopes.shape == (2,)
+  x, w = rand(45, (2, 7, C)), rand(46, (2, 7, C))
+  close(CALL(m, x), ref_forward(m, x, logit_fn=_bias_logits(table, slopes, md)))
+  loss = lambda m: jnp.sum(w * m(x))
+  grads = nnx.jit(nnx.grad(loss))(m)
+  g_tab, g_sl = (v[...] for v in grads["stored_score_mod"]["leaves"].values())
+
+  def fn_loss(tab, sl):   # the same layer written with attnjax.attention
+    q, k, v = (jnp.einsum("btc,chd->bthd", x, p.kernel[...])
+               for p in (m.query, m.key, m.value))
+    y = attnjax.attention(q, k, v, mask=masks.causal(), score_mod=scores.chain(
+        scores.relative_bias(tab, md), scores.alibi(sl)))
+    return jnp.sum(w * jnp.einsum("bthd,hdo->bto", y, m.out.kernel[...]))
+
+  want_tab, want_sl = jax.grad(fn_loss, argnums=(0, 1))(table, slopes)
+  np.testing.assert_allclose(g_tab, want_tab, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g_sl, want_sl, rtol=1e-5, atol=1e-5)
+  fd_tab, fd_sl = _ref_grads_by_central_differences(m, x, w, table, slopes, md)
+  assert np.abs(fd_tab).max() > 1e-3 and np.abs(fd_sl).max() > 1e-3
+  np.testing.assert_allclose(f64(g_tab), fd_tab, atol=2e-4 * np.abs(fd_tab).max())
+  np.testing.assert_allclose(f64(g_sl), fd_sl, atol=2e-4 * np.abs(fd_sl).max())
+  # an optimizer over nnx.Param updates them
+  opt = nnx.Optimizer(m, optax.sgd(0.1), wrt=nnx.Param)
+  opt.update(m, grads)
+  np.testing.assert_allclose(np.asarray(m.score_mod.params[0][0]),
+                             np.asarray(table) - 0.1 * np.asarray(g_tab), rtol=1e-6, atol=1e-6)
+  # fixed score-mod arrays: constants outside nnx.Param, holding the given values
+  frozen = MultiHeadAttention(2, C, causal=True, score_mod=mod, score_mod_trainable=False,
+                              rngs=nnx.Rngs(1))
+  assert [type(v) for v in frozen.stored_score_mod.leaves] == [common.ScoreModConstant] * 2
+  close(CALL(frozen, x), ref_forward(frozen, x, logit_fn=_bias_logits(*mod.params[0],
+                                                                      *mod.params[1], md)))
+  keys = ["/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.grad(loss)(frozen))]
+  assert keys and not any(k.startswith("stored_score_mod") for k in keys)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from attnjax import scores
 from attnjax.layers.common import LatentKVCache
 from attnjax.layers.mla import MultiHeadLatentAttention
 from layers_reference import (build, check_incremental, close, dense, f64, param, pos_mask,
@@ -21,7 +22,7 @@ CALL = nnx.jit(lambda m, x: m(x))
 CALL_BOTH = nnx.jit(lambda m, x: (m(x, absorb=False), m(x, absorb=True)))
 
 
-def ref_mla(m, x, qpos=None, sinks=None):
+def ref_mla(m, x, qpos=None, sinks=None, logit_fn=None):
   """DeepSeek-V2 section 2.1 (decoupled RoPE), unabsorbed, in float64."""
   B, T, _ = x.shape
   pos = np.arange(T) if qpos is None else np.asarray(qpos)
@@ -45,7 +46,7 @@ def ref_mla(m, x, qpos=None, sinks=None):
     allowed = pos_mask(pos, pos, lambda i, j: j <= i)
   if m.sinks is not None:
     sinks = param(m.sinks)
-  o = sdpa(qq, k, v, allowed, scale=1.0 / math.sqrt(dn + dr), sinks=sinks)
+  o = sdpa(qq, k, v, allowed, scale=1.0 / math.sqrt(dn + dr), sinks=sinks, logit_fn=logit_fn)
   return np.tensordot(o, param(m.wo.kernel), axes=[[2, 3], [0, 1]])
 
 
@@ -129,8 +130,59 @@ def test_jit_and_grad():
     (dict(kv_lora_rank=0), "kv_lora_rank must be >= 1"),
     (dict(absorb="yes"), "absorb"),
     (dict(dtype="float64"), "dtype"),
+    (dict(v_head_dim=0), "v_head_dim must be >= 1, got 0"),      # 0 used to mean the default
+    (dict(out_features=0), "out_features must be >= 1, got 0"),
 ])
 def test_bad_configuration_raises(kwargs, match):
   cfg = dict(BASE, **kwargs)
   with pytest.raises(ValueError, match=match):
     MultiHeadLatentAttention(in_features=C, rngs=nnx.Rngs(0), **cfg)
+
+
+def test_decode_checks_the_cache_and_its_capacity():
+  """A latent cache of another batch / latent width raises naming the shapes (it used to fail
+  in a broadcast); a prompt longer than a window-less cache raises (it used to give wrong
+  outputs); num_new outside [0, T] raises."""
+  m = build(MultiHeadLatentAttention, in_features=C, **BASE)
+  x = rand(7, (2, 6, C))
+  other = build(MultiHeadLatentAttention, in_features=C, **dict(BASE, kv_lora_rank=6))
+  for cache, shown in ((m.init_cache(3, 8), r"latent \[3, 8, 8\]"),
+                       (other.init_cache(2, 8), r"latent \[2, 8, 6\]")):
+    with pytest.raises(ValueError, match=r"MultiHeadLatentAttention.decode: the cache does not "
+                       r"fit.*" + shown + r".*expected latent \[2, S, 8\], k_rope \[2, S, 4\]"):
+      m.decode(x, cache)
+  with pytest.raises(ValueError, match="6 new tokens do not fit the KV cache: it holds 4"):
+    m.decode(x, m.init_cache(2, 4))
+  with pytest.raises(ValueError, match=r"num_new=\[7, 2\] must lie in \[0, T\]"):
+    m.decode(x, m.init_cache(2, 8), num_new=jnp.asarray([7, 2]))
+
+
+def test_constructor_score_mod_params_are_trained():
+  """The constructor's score-mod table is an nnx.Param: its gradient (absorbed and unabsorbed
+  form) equals float64 central differences of the reference with the same bias."""
+  md = 2
+  m = build(MultiHeadLatentAttention, in_features=C, **BASE,
+            score_mod=scores.relative_bias(rand(8, (4, 2 * md + 1)), md))
+  (leaf,) = m.stored_score_mod.leaves
+  assert isinstance(leaf, nnx.Param)
+  table = f64(leaf[...])
+  x, w = rand(9, (1, 5, C)), rand(10, (1, 5, C))
+
+  def logit_fn(tab):
+    def fn(s):
+      i, j = np.arange(s.shape[2])[:, None], np.arange(s.shape[3])[None, :]
+      return s + tab[:, np.clip(j - i, -md, md) + md][None]
+    return fn
+
+  close(CALL(m, x), ref_mla(m, x, logit_fn=logit_fn(table)))
+  ref_loss = lambda tab: float(np.sum(f64(w) * ref_mla(m, x, logit_fn=logit_fn(tab))))
+  fd = np.zeros_like(table)
+  for idx in np.ndindex(*table.shape):
+    d = np.zeros_like(table)
+    d[idx] = 1e-4
+    fd[idx] = (ref_loss(table + d) - ref_loss(table - d)) / 2e-4
+  assert np.abs(fd).max() > 1e-3
+  for absorb in (False, True):
+    g = nnx.jit(nnx.grad(lambda m: jnp.sum(w * m(x, absorb=absorb))))(m)
+    got = f64(g["stored_score_mod"]["leaves"][0][...])
+    np.testing.assert_allclose(got, fd, atol=2e-4 * np.abs(fd).max())

@@ -97,3 +97,19 @@ def test_bad_configuration():
     layer(jnp.ones((1, 3, 8, DIM)))
   with pytest.raises(ValueError, match="grid_size"):
     layer(jnp.ones((1, 30, DIM)), grid_size=(4, 8))
+
+
+def test_alpha_accepts_numpy_and_jax_scalars_and_rejects_bools():
+  """alpha=np.float32(0.5) used to be rejected as "not a number in [0, 1]", while alpha=True
+  was accepted (as 1). Numpy/jax real scalars give the same layer as the Python float."""
+  x = randn(0, (1, 4, 4, DIM))
+  want = np.asarray(HiLoAttention(DIM, 4, alpha=0.5, rngs=rngs(0))(x))
+  for alpha in (np.float32(0.5), np.float64(0.5), jnp.float32(0.5)):
+    layer = HiLoAttention(DIM, 4, alpha=alpha, rngs=rngs(0))
+    assert layer.l_heads == 2 and isinstance(layer.alpha, float)
+    np.testing.assert_array_equal(np.asarray(layer(x)), want)
+  assert HiLoAttention(DIM, 4, alpha=np.int64(1), rngs=rngs(0)).l_heads == 4
+  for bad in (True, np.True_, "0.5"):
+    with pytest.raises(ValueError, match=r"HiLoAttention: alpha .*must be a real number in "
+                       r"\[0.0, 1.0\] \(int or float, not bool\)"):
+      HiLoAttention(DIM, 4, alpha=bad, rngs=rngs(0))

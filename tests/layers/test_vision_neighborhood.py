@@ -180,3 +180,21 @@ def test_bad_configuration():
     layer(jnp.ones((1, 48, 16)))
   with pytest.raises(ValueError, match="dim=16"):
     layer(jnp.ones((1, 6, 8, 8)))
+
+
+def test_is_causal_accepts_numpy_bools_and_rejects_ints():
+  """is_causal=np.True_ used to be rejected ("must be a bool or 2 bools"); numpy and 0-d jax
+  bools now give the same layer as Python bools, ints are still rejected."""
+  x = randn(0, (1, 5, 6, 16))
+  want = np.asarray(NeighborhoodAttention2D(16, 2, 3, is_causal=(True, False), rngs=rngs(0))(x))
+  for causal in ((np.True_, np.False_), [np.bool_(True), False], (jnp.asarray(True), False)):
+    layer = NeighborhoodAttention2D(16, 2, 3, is_causal=causal, rngs=rngs(0))
+    assert layer.is_causal == (True, False)
+    assert all(type(c) is bool for c in layer.is_causal)
+    np.testing.assert_array_equal(np.asarray(layer(x)), want)
+  assert NeighborhoodAttention2D(16, 2, 3, is_causal=np.True_,
+                                 rngs=rngs(0)).is_causal == (True, True)
+  with pytest.raises(ValueError, match="must be a bool, got 1"):
+    NeighborhoodAttention2D(16, 2, 3, is_causal=(1, 0), rngs=rngs(0))
+  with pytest.raises(ValueError, match="has 3 entries; expected a bool or 2 bools"):
+    NeighborhoodAttention2D(16, 2, 3, is_causal=(True, True, True), rngs=rngs(0))

@@ -66,3 +66,19 @@ def test_decode_needs_causal_axes():
   causal = NeighborhoodAttention1D(16, 2, kernel_size=3, is_causal=True, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="grid_size"):
     causal.decode(jnp.ones((1, 1, 16)), causal.init_cache(1, (8,)), (9,))
+
+
+def test_decode_checks_the_cache_and_the_number_of_tokens():
+  """A cache of another batch / head layout raises naming its shapes (it used to fail in a
+  broadcast); more new tokens than the grid holds raise (they used to give wrong outputs)."""
+  layer = NeighborhoodAttention1D(16, 2, kernel_size=3, is_causal=True, rngs=nnx.Rngs(0))
+  other = NeighborhoodAttention1D(16, 4, kernel_size=3, is_causal=True, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 4, 16)), jnp.float32)
+  for cache, shown in ((layer.init_cache(3, (8,)), r"k \[3, 8, 2, 8\]"),
+                       (other.init_cache(2, (8,)), r"k \[2, 8, 4, 4\]")):
+    with pytest.raises(ValueError, match=r"NeighborhoodAttention1D.decode: the cache does not "
+                       r"fit.*" + shown + r".*expected k \[2, 8, 2, 8\]"):
+      layer.decode(x, cache, (8,))
+  long = jnp.asarray(np.random.default_rng(4).standard_normal((2, 9, 16)), jnp.float32)
+  with pytest.raises(ValueError, match="9 new tokens do not fit the KV cache: it holds 8"):
+    layer.decode(long, layer.init_cache(2, (8,)), (8,))

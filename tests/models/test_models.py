@@ -265,3 +265,61 @@ def test_bfloat16():
   x = jnp.asarray(np.random.default_rng(9).normal(size=(B, 16, 16, 3)), jnp.float32)
   out = vit_fwd(v, x)
   assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+
+
+def test_out_of_vocabulary_ids():
+  """Ids outside [0, vocab) used to be accepted: id == vocab gave NaN logits, id -1 wrapped to
+  the last token, and the explicit-mesh path clipped both. Concrete ids raise now (forward,
+  decode, generate's prompt); under jit every path embeds them as NaN."""
+  m = lm("mha")
+  bad = jnp.asarray([[1, 2, V, 3], [0, -1, 4, 5]], jnp.int32)
+  with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size=64\); got "
+                     r"tokens\[0, 2\]=64, tokens\[1, 1\]=-1"):
+    m(bad)
+  with pytest.raises(ValueError, match=r"tokens\[0, 2\]=64"):
+    m.decode(bad, m.init_cache(B, 8))
+  with pytest.raises(ValueError, match=r"got prompt\[0, 2\]=64, prompt\[1, 1\]=-1"):
+    generate(m, bad, 2)
+  with pytest.raises(ValueError, match="and 3 more"):
+    m(jnp.full((1, 8), V, jnp.int32))
+
+  def check(logits):
+    logits = np.asarray(logits)
+    assert np.isnan(logits[0, 2:]).all() and np.isnan(logits[1, 1:]).all()   # -1 no wrap
+
+  check(lm_forward(m, bad)[0])
+  good = np.asarray(lm_forward(m, jnp.abs(bad) % V)[0])
+  assert np.isfinite(good).all()
+  if len(jax.devices()) >= 2:
+    mesh = jax.make_mesh((2,), ("tensor",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with jax.set_mesh(mesh):
+      ms = DecoderLM(attention="mha", **LM_KW, rngs=rngs(0))
+      check(nnx.jit(lambda m, t: m(t))(ms, bad))
+      np.testing.assert_allclose(np.asarray(nnx.jit(lambda m, t: m(t))(ms, jnp.abs(bad) % V)),
+                                 good, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa", "sliding_window", "moh"])
+def test_decode_and_generate_under_an_explicit_tensor_mesh(name):
+  """DecoderLM.decode / generate under an explicit-axes mesh used to fail (the KV cache write,
+  then the MLP's sharded contraction); now decode equals the forward and cached generation
+  equals the uncached one and the unsharded model's."""
+  if len(jax.devices()) < 2:
+    pytest.skip("needs 2 devices (tests/conftest.py simulates 8)")
+  kw = dict(LM_KW, num_layers=1, **LM_EXTRA.get(name, {}))
+  toks = tokens(11, (B, 8))
+  prompt = toks[:, :5]
+  ref = DecoderLM(attention=name, **kw, rngs=rngs(0))
+  want_logits = np.asarray(lm_forward(ref, toks)[0])
+  want_gen = np.asarray(generate(ref, prompt, 4))
+  mesh = jax.make_mesh((2,), ("tensor",), axis_types=(jax.sharding.AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    m = DecoderLM(attention=name, **kw, rngs=rngs(0))
+    logits = np.asarray(lm_forward(m, toks)[0])
+    dec = nnx.jit(lambda m, t: m.decode(t, m.init_cache(B, 8))[0])(m, toks)
+    gen = np.asarray(generate(m, prompt, 4))
+    gen_nc = np.asarray(generate(m, prompt, 4, use_cache=False))
+  np.testing.assert_allclose(logits, want_logits, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(dec), want_logits, atol=2e-5, rtol=2e-5)
+  np.testing.assert_array_equal(gen, want_gen)
+  np.testing.assert_array_equal(gen_nc, want_gen)
