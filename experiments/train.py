@@ -27,8 +27,11 @@ called when the environment describes a multi-process job: ``JAX_COORDINATOR_ADD
 ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or cluster auto-detection), a SLURM job with
 several tasks, Open MPI, or a multi-host Cloud TPU slice. Start the same command on every host;
 ``--config.distributed=on`` forces initialization (jax auto-detects the cluster), ``off``
-disables it. Each process reads its own shard of the data (``shard_index=process_index``) and
-writes its part of every checkpoint into the shared ``--workdir``.
+disables it. Each process reads the block of batch rows its devices hold (data shard ``block``
+of ``num_blocks``, see ``attnjax.training.mesh.process_row_blocks``: processes split along
+``data``/``fsdp`` read disjoint blocks, processes sharing rows through a ``tensor`` or
+``sequence`` axis read the same block; a mesh whose process layout allows neither is rejected)
+and writes its part of every checkpoint into the shared ``--workdir``.
 """
 
 from __future__ import annotations

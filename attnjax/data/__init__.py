@@ -124,16 +124,23 @@ def make_dataset(cfg, *, split: str, batch_size: int, seed: int, shard_index: in
                        shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs)
 
 
-def unigram_bits_per_byte(cfg) -> float:
+def unigram_bits_per_byte(cfg, eval_counts=None) -> float:
   """Baseline for the byte-level corpora (``stdlib_text``, ``tfds:tiny_shakespeare``).
 
   The cross-entropy, in bits per byte, of the add-one-smoothed unigram byte distribution of the
-  train split evaluated on the bytes the eval split predicts (every eval byte but the first,
-  i.e. exactly the positions with weight 1 in the eval batches). It is the loss of a model that
-  ignores context; any LM should beat it. Uses the same cfg (``max_bytes`` etc.) as the data.
+  train split evaluated on eval bytes: by default on the bytes the whole eval split predicts
+  (every eval byte but the first, i.e. exactly the positions with weight 1 in a full pass over
+  the eval batches); with ``eval_counts`` (a ``[256]`` array: how often each byte value is a
+  target, weighted by ``weights``) on exactly those targets, e.g. the positions a run scored
+  with its first ``eval_steps`` eval batches (``attnjax.training.run`` does this). It is the loss
+  of a model that ignores context; any LM should beat it. Uses the same cfg (``max_bytes``
+  etc.) as the data.
   """
-  train, evaluation = make_source(cfg, "train"), make_source(cfg, "eval")
-  if train.tokens is None or evaluation.tokens is None:
+  train = make_source(cfg, "train")
+  if train.tokens is None:
     raise ValueError(f"unigram_bits_per_byte needs a byte-stream corpus (stdlib_text, "
                      f"tfds:tiny_shakespeare), not {cfg_get(cfg, 'name')!r}")
+  if eval_counts is not None:
+    return text.unigram_cross_entropy_bits(train.tokens, eval_counts=eval_counts)
+  evaluation = make_source(cfg, "eval")
   return text.unigram_cross_entropy_bits(train.tokens, evaluation.tokens[1:])

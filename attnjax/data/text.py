@@ -195,13 +195,23 @@ def stdlib_text_source(cfg: Mapping[str, Any], split: str) -> Source:
 # --------------------------------------------------------------------------- baseline
 
 
-def unigram_cross_entropy_bits(train_tokens: np.ndarray, eval_tokens: np.ndarray,
-                               vocab_size: int = VOCAB_SIZE) -> float:
+def unigram_cross_entropy_bits(train_tokens: np.ndarray, eval_tokens: np.ndarray | None = None,
+                               vocab_size: int = VOCAB_SIZE, *,
+                               eval_counts: np.ndarray | None = None) -> float:
   """Bits per token of the add-one-smoothed unigram distribution of ``train_tokens`` evaluated
-  on ``eval_tokens``: ``-mean(log2 p(x))`` with ``p = (count + 1) / (N + vocab_size)``."""
+  on ``eval_tokens``: ``-mean(log2 p(x))`` with ``p = (count + 1) / (N + vocab_size)``. Instead
+  of ``eval_tokens``, ``eval_counts`` (``[vocab_size]``, float or int) may give how often each
+  token is evaluated (a weighted mean then)."""
+  if (eval_tokens is None) == (eval_counts is None):
+    raise ValueError("give exactly one of eval_tokens and eval_counts")
   counts = np.bincount(np.asarray(train_tokens, np.int64), minlength=vocab_size) + 1.0
   log_p = np.log2(counts) - np.log2(counts.sum())
-  eval_counts = np.bincount(np.asarray(eval_tokens, np.int64), minlength=vocab_size)
-  if eval_counts.sum() == 0:
+  if eval_counts is None:
+    eval_counts = np.bincount(np.asarray(eval_tokens, np.int64), minlength=vocab_size)
+  eval_counts = np.asarray(eval_counts, np.float64)
+  if eval_counts.shape != log_p.shape:
+    raise ValueError(f"eval_counts has shape {eval_counts.shape}, expected ({len(log_p)},) "
+                     f"(one count per token id)")
+  if eval_counts.sum() <= 0:
     raise ValueError("the eval split is empty")
   return float(-(eval_counts * log_p).sum() / eval_counts.sum())

@@ -4,10 +4,15 @@ Order of work: mesh -> datasets -> abstract model/optimizer state and its shardi
 restore (``resume``) or jitted sharded init -> train loop (tqdm, JSONL/TensorBoard metrics,
 periodic eval and checkpoints) -> final eval, plot, generated sample (LMs), ``summary.json``.
 
-Determinism: the data order is a function of ``(seed, process index, process count)`` and the
-iterator position is checkpointed with the state; randomness inside a step uses
+Determinism: the data order is a function of ``(seed, row block, number of row blocks)`` (each
+process loads the block of batch rows its devices hold, see
+:func:`attnjax.training.mesh.process_row_blocks`; one block on one process) and the iterator
+position is checkpointed with the state; randomness inside a step uses
 ``fold_in(key(seed), step)``. A run killed at any point and resumed with ``resume=True``
-therefore reaches the same parameters as an uninterrupted run (tested bit-exact on CPU).
+therefore reaches the same parameters as an uninterrupted run (tested bit-exact on CPU). Train
+metrics are averaged over windows of ``log_every`` steps ending at multiples of ``log_every``
+(and at ``num_steps``); the per-step metrics of the window a checkpoint cuts are saved with it,
+so a resumed run writes the same records as an uninterrupted one (with the same ``log_every``).
 """
 
 from __future__ import annotations
@@ -56,9 +61,15 @@ def _get(cfg, key, default=None):
 
 
 def config_hash(cfg) -> str:
-  d = {k: cfg[k] for k in ("model", "data", "optim", "seed", "batch_size") if k in cfg}
-  return hashlib.sha256(json.dumps(_to_dict(d), sort_keys=True, default=str).encode()
-                        ).hexdigest()[:16]
+  """Hash of the entries a checkpoint depends on (unset ``model.attention_kwargs`` entries
+  ignored, so adding a None-valued key to a config does not change it)."""
+  d = _to_dict({k: cfg[k] for k in ("model", "data", "optim", "seed", "batch_size") if k in cfg})
+  ak = d.get("model", {}).get("attention_kwargs")
+  if isinstance(ak, dict):
+    d["model"] = dict(d["model"], attention_kwargs={k: v for k, v in ak.items() if v is not None})
+    if not d["model"]["attention_kwargs"]:
+      del d["model"]["attention_kwargs"]
+  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _to_dict(x):
@@ -79,6 +90,8 @@ def model_config(cfg, info) -> dict:
   if info.kind != _DATA_KIND[kind]:
     raise ValueError(f"model.kind={kind!r} needs a {_DATA_KIND[kind]!r} dataset, but "
                      f"data.name={info.name!r} is {info.kind!r}")
+  if m.get("attention_kwargs") is not None:  # configs list the common keys with None = unset
+    m["attention_kwargs"] = {k: v for k, v in m["attention_kwargs"].items() if v is not None}
   for key, attr in _FROM_DATA[kind].items():
     if key in m and m[key] is None:
       v = getattr(info, attr)
@@ -108,6 +121,8 @@ def _bytes_per_token(info) -> float | None:
 
 
 CP_STRATEGIES = ("ring", "all_gather", "ulysses")
+# mesh.sequence_load_balance value -> attnjax.parallel layout (None = contiguous)
+CP_LOAD_BALANCE = {"zigzag": "zigzag", "striped": "striped", "none": None, "contiguous": None}
 
 
 def _context_parallel_setup(cfg, info, n_seq: int):
@@ -121,8 +136,13 @@ def _context_parallel_setup(cfg, info, n_seq: int):
   if strategy not in CP_STRATEGIES:
     raise ValueError(f"mesh.sequence_strategy={strategy!r}; the training script supports "
                      f"{CP_STRATEGIES} over the one 'sequence' mesh axis")
-  lb = str(_get(cfg.mesh, "sequence_load_balance", "zigzag"))
-  lb = None if lb in ("none", "None", "contiguous") else lb
+  lb_name = str(_get(cfg.mesh, "sequence_load_balance", "zigzag"))
+  lb_name = "none" if lb_name == "None" else lb_name  # ml_collections gives the string "None"
+  if lb_name not in CP_LOAD_BALANCE:
+    raise ValueError(f"mesh.sequence_load_balance={lb_name!r} is not supported; allowed values: "
+                     f"{', '.join(repr(k) for k in CP_LOAD_BALANCE)} ('none' and 'contiguous' "
+                     f"both keep the tokens in order)")
+  lb = CP_LOAD_BALANCE[lb_name]
   T = int(info.seq_len)
   perm = parallel_lib.load_balance_permutation(T, n_seq, lb)  # raises if T does not divide
   return {"strategy": strategy, "load_balance": lb, "positions": np.asarray(perm, np.int32)}
@@ -148,22 +168,27 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
   nb = mesh_lib.batch_axes_size(mesh)
   accum = int(_get(cfg, "grad_accum_steps", 1))
   B = int(cfg.batch_size)
-  pc, pi = jax.process_count(), jax.process_index()
-  if accum < 1 or B % (accum * nb) or B % pc:
+  if accum < 1 or B % (accum * nb):
     raise ValueError(f"batch_size={B} must be divisible by grad_accum_steps ({accum}) x the "
-                     f"batch mesh axes data*fsdp ({nb}) and by the process count ({pc})")
+                     f"batch mesh axes data*fsdp ({nb})")
   eval_B = int(_get(cfg, "eval_batch_size", B))
-  if eval_B % nb or eval_B % pc:
-    raise ValueError(f"eval_batch_size={eval_B} must be divisible by data*fsdp ({nb}) and by "
-                     f"the process count ({pc})")
+  if eval_B % nb:
+    raise ValueError(f"eval_batch_size={eval_B} must be divisible by the batch mesh axes "
+                     f"data*fsdp ({nb})")
+  # Which rows of each global batch this process loads (raises for a mesh whose process layout
+  # cannot be fed that way); the row blocks are whole data*fsdp shards, so they divide B.
+  blocks = mesh_lib.process_row_blocks(mesh_lib.batch_sharding(mesh, 2, sequence=n_seq > 1))
+  n_blocks, block = blocks.num_blocks, blocks.block_of[jax.process_index()]
   log.info("mesh: %s", mesh_lib.describe_mesh(mesh))
+  if jax.process_count() > 1:
+    log.info("this process loads batch row block %d of %d", block, n_blocks)
 
   # ---------------------------------------------------------------- data
   seed = int(cfg.seed)
-  train_ds = data_lib.make_dataset(cfg.data, split="train", batch_size=B // pc, seed=seed,
-                                   shard_index=pi, shard_count=pc)
-  eval_ds = data_lib.make_dataset(cfg.data, split="eval", batch_size=eval_B // pc, seed=seed,
-                                  shard_index=pi, shard_count=pc)
+  train_ds = data_lib.make_dataset(cfg.data, split="train", batch_size=B // n_blocks,
+                                   seed=seed, shard_index=block, shard_count=n_blocks)
+  eval_ds = data_lib.make_dataset(cfg.data, split="eval", batch_size=eval_B // n_blocks,
+                                  seed=seed, shard_index=block, shard_count=n_blocks)
   info = train_ds.info
 
   # ---------------------------------------------------------------- model, optimizer, shardings
@@ -202,7 +227,7 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
                                async_save=bool(_get(ck, "async_save", True)))
   train_iter = train_ds.iterator()
   existing = ckpt.all_steps()
-  state = None
+  state, restored_meta = None, {}
   if existing and not resume:
     raise ckpt_lib.CheckpointError(
         f"{workdir} already holds checkpoints (steps {existing}); pass --resume to continue "
@@ -215,10 +240,10 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
           f"--resume_step={step0}: {ckpt.directory} also holds the later checkpoints {later}, "
           f"which this run would overwrite. Move them out of the way first (e.g. "
           f"mv {ckpt.directory}/{later[-1]} {workdir}/bad-{later[-1]}); nothing was changed.")
-    state, meta = ckpt.restore(step0, abs_state_sh, train_iter)
-    if meta.get("config_hash") not in (None, config_hash(cfg)):
+    state, restored_meta = ckpt.restore(step0, abs_state_sh, train_iter)
+    if restored_meta.get("config_hash") not in (None, config_hash(cfg)):
       log.warning("resuming step %d of a run with a different model/data/optim config "
-                  "(hash %s, now %s)", step0, meta.get("config_hash"), config_hash(cfg))
+                  "(hash %s, now %s)", step0, restored_meta.get("config_hash"), config_hash(cfg))
     log.info("resumed from step %d of %s", step0, ckpt.directory)
   elif resume:
     log.info("--resume: no checkpoint in %s, starting from step 0", ckpt.directory)
@@ -237,14 +262,14 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
     """Host batch -> global sharded arrays; under context parallelism the token axis is first
     permuted into the load-balancing layout (the loss is a sum over tokens: unchanged)."""
     if cp is None:
-      return mesh_lib.global_batch(mesh, local_batch)
+      return mesh_lib.global_batch(mesh, local_batch, num_blocks=n_blocks)
     from attnjax import parallel as parallel_lib  # pylint: disable=import-outside-toplevel
     for key, v in local_batch.items():
       if np.ndim(v) < 2 or np.shape(v)[1] != len(cp_positions):
         raise ValueError(f"context parallelism: batch[{key!r}] has shape {np.shape(v)}, "
                          f"expected [B, {len(cp_positions)}, ...] (data.seq_len tokens)")
     return mesh_lib.global_batch(mesh, parallel_lib.permute_batch(local_batch, cp_positions),
-                                 sequence=True)
+                                 sequence=True, num_blocks=n_blocks)
 
   train_step = jax.jit(
       steps_lib.make_train_step(kind, graphdef, tx, schedule, mesh=mesh, grad_accum_steps=accum,
@@ -255,18 +280,34 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
   eval_step = jax.jit(steps_lib.make_eval_step(kind, graphdef, cp_positions),
                       in_shardings=(state_sh["params"], state_sh["rest"], None),
                       out_shardings=mesh_lib.replicated(mesh))
-  bpt = _bytes_per_token(info)
+  bpt = _bytes_per_token(info)  # None: no bits/byte (e.g. mqar token ids are not bytes)
+  # The unigram baseline (byte corpora) is scored on the target bytes the model is scored on:
+  # a histogram of the eval batches' weighted targets, taken in the first evaluation (every
+  # evaluation reads the same eval_steps batches).
+  eval_counts = {"counts": None, "wanted": kind == "lm" and bpt is not None}
+  vocab = int(info.vocab_size or 0)
+  count_targets = jax.jit(
+      lambda b: jnp.zeros((vocab,), jnp.float32).at[b["targets"].reshape(-1)].add(
+          b["weights"].reshape(-1).astype(jnp.float32)),
+      out_shardings=mesh_lib.replicated(mesh))
 
   def evaluate(st) -> dict:
     max_batches = int(_get(cfg, "eval_steps", -1))
+    take_counts = eval_counts["wanted"] and eval_counts["counts"] is None
+    counts = np.zeros(vocab, np.float64) if take_counts else None
     sums, n = None, 0
     for batch in eval_ds.iterator():
       if 0 < max_batches <= n:
         break
-      m = eval_step(st["params"], st["rest"], to_device(batch))
+      batch = to_device(batch)
+      m = eval_step(st["params"], st["rest"], batch)
       sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+      if take_counts:  # exact per batch in float32; summed in float64
+        counts += np.asarray(jax.device_get(count_targets(batch)), np.float64)
       n += 1
-    return steps_lib.summarize(kind, jax.device_get(sums), bpt or 1.0)
+    if take_counts:
+      eval_counts["counts"] = counts
+    return steps_lib.summarize(kind, jax.device_get(sums), bpt)
 
   # ---------------------------------------------------------------- loop
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main,
@@ -277,7 +318,10 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
   units = "tokens" if kind == "lm" else "images"
   per_step = B * (info.seq_len if kind == "lm" else 1)
   meta = {"kind": kind, "param_count": n_params, "config_hash": config_hash(cfg)}
-  pending, history = [], {"train_time": 0.0, "train_steps": 0}
+  history = {"train_time": 0.0, "train_steps": 0}
+  # (step, per-step metrics) since the last train record; a resumed run continues the window
+  # the checkpoint cut (records end at multiples of log_every, as in an uninterrupted run)
+  pending = _restore_log_window(restored_meta, start, log_every, num_steps)
   eval_metrics = None
   pbar = None
   if progress and is_main:
@@ -292,7 +336,7 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
     for step in range(start, num_steps):
       batch = to_device(next(train_iter))
       state, m = train_step(state, batch)
-      pending.append(m)
+      pending.append((step + 1, m))
       if timer is None:  # exclude compilation and the first step from throughput
         jax.block_until_ready(m)
         timer, timed_steps = _Timer(), 0
@@ -301,18 +345,16 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
         timed_steps += 1
       done = step + 1
       if done % log_every == 0 or done == num_steps:
-        ms = jax.device_get(pending)
+        ms = jax.device_get([x for _, x in pending])
         pending = []
         sums = {k: sum(float(x[k]) for x in ms) for k in steps_lib.METRIC_KEYS}
         sums["aux"] /= len(ms)
-        rec = steps_lib.summarize(kind, sums, bpt or 1.0)
+        rec = steps_lib.summarize(kind, sums, bpt)
         if not np.isfinite(rec["loss"]):
           raise FloatingPointError(
               f"train loss is {rec['loss']} at step {done}; stopping before it is "
               f"checkpointed (checkpoints so far: {ckpt.all_steps()}). Lower optim.lr or "
               f"raise optim.warmup_steps, then --resume or start a new --workdir.")
-        if bpt is None:
-          rec.pop("bits_per_byte", None)
         rec["grad_norm"] = float(ms[-1]["grad_norm"])
         rec["lr"] = float(ms[-1]["lr"])
         dt = timer.lap()
@@ -339,7 +381,9 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
           timer.t += time.perf_counter() - t_eval
       if (ckpt_every and done % ckpt_every == 0) or done == num_steps:
         t_ck = time.perf_counter()
-        ckpt.save(done, state, train_iter, meta)
+        pending = [(s, _host_metrics(x)) for s, x in pending]
+        ckpt.save(done, state, train_iter,
+                  dict(meta, log_window=[dict(x, step=s) for s, x in pending]))
         if timer is not None:
           timer.t += time.perf_counter() - t_ck
       if pbar is not None:
@@ -369,9 +413,10 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
   if history["train_steps"]:
     summary[f"train_{units}_per_s"] = history["train_steps"] * per_step / history["train_time"]
   if kind == "lm":
-    if bpt is not None:
+    if eval_counts["counts"] is not None:
       try:
-        summary["unigram_bits_per_byte"] = float(data_lib.unigram_bits_per_byte(cfg.data))
+        summary["unigram_bits_per_byte"] = float(data_lib.unigram_bits_per_byte(
+            cfg.data, eval_counts=eval_counts["counts"]))
       except Exception as e:  # pylint: disable=broad-except
         log.warning("no unigram baseline for %s: %s", info.name, e)
     sample_cfg = _get(cfg, "sample", {})
@@ -388,6 +433,32 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
     metrics_lib.write_summary(workdir, summary)
     _print_summary(summary)
   return RunResult(summary=summary, state=state, model=model, workdir=workdir)
+
+
+def _host_metrics(m) -> dict[str, float]:
+  """One step's metrics (device scalars) as Python floats (exact: float32 -> float64)."""
+  return {k: float(v) for k, v in jax.device_get(m).items()}
+
+
+def _restore_log_window(restored_meta: dict, start: int, log_every: int,
+                        num_steps: int) -> list:
+  """The ``(step, metrics)`` of steps ``(start - start % log_every, start]`` saved with the
+  checkpoint of step ``start`` (its ``log_window``), so that the first train record after the
+  resume covers the same steps as in an uninterrupted run. A checkpoint of an older version (or
+  of a run with a different ``log_every``) may lack some of them: the record then averages only
+  the steps it has, and a warning says so."""
+  if start >= num_steps:
+    return []
+  first = start - start % log_every + 1
+  saved = {int(r["step"]): {k: float(v) for k, v in r.items() if k != "step"}
+           for r in (restored_meta.get("log_window") or [])}
+  window = [(s, saved[s]) for s in range(first, start + 1) if s in saved]
+  if len(window) != start + 1 - first:
+    log.warning("the checkpoint of step %d lacks the metrics of steps %d..%d (saved by another "
+                "version or log_every); the train record of step %d averages fewer steps than "
+                "an uninterrupted run's", start, first, start,
+                min(start - start % log_every + log_every, num_steps))
+  return window
 
 
 def _print_summary(s: dict):

@@ -15,14 +15,17 @@ Mesh axes are always ``("data", "fsdp", "tensor", "sequence")`` (:data:`MESH_AXE
 
 The batch dimension of every input is sharded over ``("data", "fsdp")`` (:data:`BATCH_AXES`),
 and with context parallelism the token dimension over ``"sequence"`` (:data:`SEQUENCE_AXIS`).
+In a multi-process run each process loads the block of batch rows its devices hold
+(:func:`process_row_blocks`) and :func:`global_batch` assembles the global arrays.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -172,14 +175,109 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+@dataclasses.dataclass(frozen=True)
+class RowBlocks:
+  """How the processes of a multi-process run split the batch rows (dimension 0) among them.
+
+  The rows ``[0, B)`` of every global batch are cut into ``num_blocks`` equal contiguous blocks;
+  process ``p`` loads block ``block_of[p]`` (``B / num_blocks`` rows: data shard
+  ``block_of[p]`` of ``num_blocks``). Processes whose devices hold the same rows (a ``tensor``
+  or ``sequence`` axis across processes) share a block and load identical rows. On one process
+  ``num_blocks == 1``."""
+  block_of: Mapping[int, int]
+  num_blocks: int
+
+
+def _axis_names(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _ranges(rows: list[int]) -> str:
+  """``[0, 1, 2, 5]`` -> ``"[0:3) [5:6)"`` (batch shards as half-open ranges)."""
+  out, start = [], None
+  for i, r in enumerate(rows):
+    if start is None:
+      start = r
+    if i + 1 == len(rows) or rows[i + 1] != r + 1:
+      out.append(f"[{start}:{r + 1})")
+      start = None
+  return " ".join(out)
+
+
+def process_row_blocks(sharding: NamedSharding,
+                       process_of: Callable[[Any], int] | Mapping[Any, int] | None = None
+                       ) -> RowBlocks:
+  """The row block each process loads, for batches sharded by ``sharding`` (dimension 0 over
+  the batch axes, see :func:`batch_sharding`).
+
+  Pure function of the mesh, the sharding and the device -> process assignment
+  (``process_of``: a mapping or callable; default ``device.process_index``), so it can be
+  checked with simulated devices and a made-up assignment. Rows are counted in batch shards
+  (``data * fsdp`` of them); every process must hold one contiguous range of them, and two
+  processes must hold either the same range or disjoint ones of the same length (then each
+  process can load a distinct ``B / num_blocks`` slice, and processes holding the same rows load
+  the same slice). Raises ValueError naming the ``mesh.*`` config keys and the layout otherwise
+  (e.g. devices ordered so that a process holds batch shards 0 and 2 but not 1)."""
+  if process_of is None:
+    process_of = lambda d: int(d.process_index)  # noqa: E731
+  elif not callable(process_of):
+    process_of = process_of.__getitem__
+  mesh = sharding.mesh
+  spec = tuple(sharding.spec) or (None,)
+  # one index per shard along each dimension: dimension 0 then gives the batch shard
+  counts = tuple(int(np.prod([mesh.shape[a] for a in _axis_names(e)])) for e in spec)
+  rows: dict[int, set[int]] = {}
+  for device, index in sharding.devices_indices_map(counts).items():
+    r = index[0]
+    rows.setdefault(int(process_of(device)), set()).update(
+        range(r.start or 0, counts[0] if r.stop is None else r.stop))
+  layout = "; ".join(f"process {p}: batch shards {_ranges(sorted(rows[p]))}"
+                     for p in sorted(rows))
+  blocks: dict[tuple[int, int], list[int]] = {}
+  for p in sorted(rows):
+    r = sorted(rows[p])
+    if r[-1] - r[0] + 1 != len(r):
+      blocks = {}
+      break
+    blocks.setdefault((r[0], r[-1] + 1), []).append(p)
+  spans = sorted(blocks)
+  ok = bool(spans) and all(b[1] - b[0] == spans[0][1] - spans[0][0] for b in spans) and all(
+      a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+  if not ok:
+    sizes = ", ".join(f"mesh.{a}={mesh.shape[a]}" for a in mesh.axis_names)
+    raise ValueError(
+        f"mesh {sizes} over {len(rows)} processes: the processes do not split the batch "
+        f"(the {counts[0]} data*fsdp shards of dimension 0) into equal contiguous blocks, so "
+        f"each process cannot load its own slice of the batch ({layout}). Every process's "
+        f"devices must hold one contiguous range of batch shards, the same as or disjoint from "
+        f"every other process's. With devices ordered by process this holds when tensor*"
+        f"sequence divides, or is a multiple of, the devices per process: change mesh.data, "
+        f"mesh.fsdp, mesh.tensor or mesh.sequence.")
+  block_of = {p: i for i, span in enumerate(spans) for p in blocks[span]}
+  return RowBlocks(block_of=block_of, num_blocks=len(spans))
+
+
 def global_batch(mesh: jax.sharding.Mesh, local_batch: Mapping[str, np.ndarray],
-                 sequence: bool = False) -> dict:
-  """Host-local numpy batch -> global ``jax.Array`` sharded over the batch axes (each process
-  contributes its rows; works unchanged on one process). ``sequence``: also shard the token
-  axis (dimension 1) over the ``"sequence"`` mesh axis (context parallelism)."""
-  return {k: jax.make_array_from_process_local_data(
-              batch_sharding(mesh, np.ndim(v), sequence), np.asarray(v))
-          for k, v in local_batch.items()}
+                 sequence: bool = False, num_blocks: int | None = None) -> dict:
+  """Host-local numpy batch -> global ``jax.Array`` sharded over the batch axes.
+
+  ``local_batch`` holds this process's row block (:func:`process_row_blocks`): ``B /
+  num_blocks`` rows with every token, identical on processes that share the block; the global
+  shape is given explicitly (``num_blocks`` times the local rows), never inferred from the
+  process count. ``num_blocks``: default computed from ``mesh``. ``sequence``: also shard the
+  token axis (dimension 1) over the ``"sequence"`` mesh axis (context parallelism); each device
+  then takes its token slice of the process's rows."""
+  out = {}
+  for k, v in local_batch.items():
+    v = np.asarray(v)
+    sharding = batch_sharding(mesh, v.ndim, sequence)
+    if num_blocks is None:
+      num_blocks = process_row_blocks(sharding).num_blocks
+    global_shape = (v.shape[0] * num_blocks,) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+  return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,7 +84,9 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def truncate_after(path: str, step: int):
-  """Drop records logged after ``step`` (a resumed run re-logs them) and torn lines."""
+  """Drop records logged after ``step`` (a run resumed from the checkpoint of ``step`` logs them
+  again; its first train record also covers the steps before ``step`` in its window, from the
+  checkpoint) and torn lines."""
   recs = read_metrics(path)
   if not recs:
     return
@@ -97,7 +99,8 @@ def truncate_after(path: str, step: int):
 
 
 def plot_curves(workdir: str, kind: str) -> str | None:
-  """Train/eval loss (and accuracy or bits/byte) against step, saved as ``curves.png``."""
+  """Train/eval loss and bits/byte (LMs on bytes) or accuracy against step, saved as
+  ``curves.png``."""
   recs = read_metrics(os.path.join(workdir, METRICS_FILE))
   if not recs:
     return None
@@ -105,7 +108,8 @@ def plot_curves(workdir: str, kind: str) -> str | None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  second = "bits_per_byte" if kind == "lm" else "accuracy"
+  has_bpb = kind == "lm" and any("bits_per_byte" in r for r in recs)
+  second = "bits_per_byte" if has_bpb else "accuracy"
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for split, style in (("train", "-"), ("eval", "o-")):
     rs = [r for r in recs if r.get("split") == split]

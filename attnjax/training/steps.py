@@ -143,13 +143,17 @@ def make_eval_step(kind: str, graphdef, positions=None) -> Callable:
   return eval_step
 
 
-def summarize(kind: str, sums: dict[str, Any], bytes_per_token: float = 1.0) -> dict[str, float]:
-  """Metric sums (any number of batches) -> means: loss (nats), accuracy, bits/byte (text)."""
+def summarize(kind: str, sums: dict[str, Any],
+              bytes_per_token: float | None = None) -> dict[str, float]:
+  """Metric sums (any number of batches) -> means: loss (nats), accuracy and, for LMs, the
+  auxiliary loss and ``bits_per_byte`` -- the latter only when ``bytes_per_token`` is given
+  (byte-level text: 1.0), never for datasets whose tokens are not bytes (``mqar``, ``copy``)."""
   w = max(float(sums["weight_sum"]), 1e-9)
   loss = float(sums["loss_sum"]) / w
   out = {"loss": loss, "accuracy": float(sums["correct_sum"]) / w}
   if kind == "lm":
-    out["bits_per_byte"] = loss / np.log(2.0) / float(bytes_per_token)
+    if bytes_per_token is not None:
+      out["bits_per_byte"] = loss / np.log(2.0) / float(bytes_per_token)
     out["aux_loss"] = float(sums.get("aux", 0.0))
   return out
 

@@ -143,6 +143,29 @@ def test_unigram_baseline_is_sane():
     data.unigram_bits_per_byte(MQAR)
 
 
+def test_unigram_baseline_on_given_target_counts():
+  """``eval_counts`` scores the baseline on exactly the given targets (what a run evaluated):
+  the counts of a full pass over the eval batches give the default, a prefix its own value."""
+  cfg = dict(STDLIB, max_bytes=40_000)
+  train = data.make_source(cfg, "train").tokens
+  batches = list(data.make_dataset(cfg, split="eval", batch_size=8, seed=0).iterator())
+
+  def counts(bs):
+    return sum(np.bincount(b["targets"].ravel(), weights=b["weights"].ravel(), minlength=256)
+               for b in bs)
+
+  full = data.unigram_bits_per_byte(cfg, eval_counts=counts(batches))
+  assert full == pytest.approx(data.unigram_bits_per_byte(cfg), rel=1e-12)
+  prefix = np.concatenate([b["targets"][b["weights"] > 0] for b in batches[:3]])
+  part = data.unigram_bits_per_byte(cfg, eval_counts=counts(batches[:3]))
+  assert part == pytest.approx(text_mod.unigram_cross_entropy_bits(train, prefix), rel=1e-12)
+  assert abs(part - full) > 1e-3
+  with pytest.raises(ValueError, match=r"eval_counts has shape \(3,\), expected \(256,\)"):
+    data.unigram_bits_per_byte(cfg, eval_counts=np.ones(3))
+  with pytest.raises(ValueError, match="exactly one of eval_tokens and eval_counts"):
+    text_mod.unigram_cross_entropy_bits(train)
+
+
 # --------------------------------------------------------------------------- order and state
 
 

@@ -4,6 +4,7 @@ incompatible and would-be-overwritten checkpoints give clear errors and are left
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -133,3 +134,31 @@ def test_resume_of_finished_run_is_a_no_op(finished_run, tmp_path):
   res = train.main(th.argv("lm_tiny", wd, BASE, "--resume"))
   assert res.summary["resumed_from"] == 12
   _assert_same_params(res.state, finished_run[1].state)
+
+
+def _records(workdir) -> list[dict]:
+  """metrics.jsonl without the wall-clock throughput entries."""
+  recs = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text()
+          .splitlines()]
+  return [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in recs]
+
+
+def test_resumed_run_logs_the_records_of_the_uninterrupted_run(tmp_path):
+  # log_every=3 with checkpoints every 4: the checkpoints at 4 and 8 cut the log windows 4-6
+  # and 7-9. A run stopped after either checkpoint and resumed writes the same train records
+  # (same steps, same averages) and eval records as the run that was never stopped.
+  over = dict(BASE, num_steps=10, log_every=3, eval_every=5)
+  ref = tmp_path / "ref"
+  train.main(th.argv("lm_tiny", ref, over))
+  assert _steps(ref) == [4, 8, 10]
+  expected = _records(ref)
+  assert [r["step"] for r in expected if r["split"] == "train"] == [3, 6, 9, 10]
+  assert [r["step"] for r in expected if r["split"] == "eval"] == [0, 5, 10]
+  for stop in (4, 8):  # as if killed after the checkpoint of `stop` (later records dropped)
+    wd = _copy(ref, tmp_path / f"stopped{stop}")
+    for s in _steps(wd):
+      if s > stop:
+        shutil.rmtree(wd / "checkpoints" / str(s))
+    res = train.main(th.argv("lm_tiny", wd, over, "--resume"))
+    assert res.summary["resumed_from"] == stop
+    assert _records(wd) == expected, stop

@@ -112,3 +112,10 @@ def test_distributed_detection(monkeypatch):
   with pytest.raises(ValueError, match="multihost"):
     mesh_lib.maybe_initialize_distributed("sometimes")
   np.testing.assert_equal(len(calls), 1)
+
+
+def test_bad_sequence_load_balance_names_the_key_and_the_allowed_values(tmp_path):
+  with pytest.raises(ValueError, match=r"mesh.sequence_load_balance='zig-zag' is not supported; "
+                     r"allowed values: 'zigzag', 'striped', 'none', 'contiguous'"):
+    train.main(th.argv("lm_tiny", tmp_path, dict(th.TINY_LM, **{
+        "mesh.sequence": 2, "mesh.sequence_load_balance": "zig-zag"})))

@@ -5,6 +5,7 @@ same fixed eval batches at step 0 (``eval_at_start``) and at the end."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import jax
@@ -14,6 +15,8 @@ import optax
 import pytest
 from flax import nnx
 
+from attnjax import data
+from attnjax.data import text as data_text
 from attnjax.models import build_model
 from attnjax.training import make_mesh, steps
 from tests.training import train_helpers as th
@@ -44,6 +47,16 @@ def test_lm_one_device(tmp_path):
   assert summary["unigram_bits_per_byte"] > 3 and summary["train_tokens_per_s"] > 0
   assert summary["sample"]["prompt"] == "def"
   assert len(summary["sample"]["greedy_continuation"]) >= 6  # escaped bytes may be longer
+  # The unigram baseline is scored on exactly the target bytes the model is scored on: the
+  # weighted targets of the first eval_steps eval batches (not the whole eval split).
+  cfg = train.parse_args(th.argv("lm_tiny", tmp_path, over))[0]
+  it = data.make_dataset(cfg.data, split="eval", batch_size=8, seed=0).iterator()
+  scored = np.concatenate([b["targets"][b["weights"] > 0] for b in itertools.islice(it, 2)])
+  assert len(scored) == 2 * 8 * 32
+  train_tokens = data.make_source(cfg.data, "train").tokens
+  expected = data_text.unigram_cross_entropy_bits(train_tokens, scored)
+  assert summary["unigram_bits_per_byte"] == pytest.approx(expected, rel=1e-12)
+  assert abs(expected - data.unigram_bits_per_byte(cfg.data)) > 1e-3  # the whole split differs
 
 
 def test_lm_eight_devices_fsdp_tensor_accum_bf16(tmp_path):
@@ -122,3 +135,52 @@ def test_vit_small_config_builds_and_steps(tmp_path):
       "model.num_heads": 6, "model.mlp_dim": 64, "num_steps": 1, "batch_size": 16,
       "eval_batch_size": 64, "eval_steps": 1, "eval_at_start": False}))
   assert np.isfinite(vit.summary["final_eval"]["loss"])
+
+
+def test_lm_on_token_ids_reports_no_bits_per_byte(tmp_path, capsys):
+  """mqar's tokens are ids of an 8192-word vocabulary, not bytes: no bits/byte anywhere (train
+  and eval records, summary.json, the printed summary) and no unigram byte baseline."""
+  over = dict(th.TINY_LM, **{"data.name": "mqar", "mesh.num_devices": 1, "num_steps": 4,
+                             "log_every": 2, "eval_every": 2})
+  res = train.main(th.argv("lm_tiny", tmp_path, over))
+  recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {r["split"] for r in recs} == {"train", "eval"}
+  assert all("bits_per_byte" not in r and np.isfinite(r["loss"]) for r in recs), recs
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert "bits_per_byte" not in summary["final_eval"] and "bits_per_byte" not in res.summary[
+      "final_eval"]
+  assert "unigram_bits_per_byte" not in summary
+  out = capsys.readouterr().out
+  assert "eval loss" in out and "nats/token" in out and "bits/byte" not in out
+
+
+@pytest.mark.parametrize("attention,kwargs", [
+    ("sliding_window", {"window": 8}),
+    ("strided_heads", {"stride": 2, "local_window": 4}),
+])
+def test_attention_kwargs_from_the_command_line(tmp_path, attention, kwargs):
+  """--config.model.attention_kwargs.<key>=... selects the attentions that need arguments (as in
+  README's command); the config's unset (None) entries are not passed to the layer."""
+  over = dict(th.TINY_LM, **{"mesh.num_devices": 1, "num_steps": 2, "log_every": 1,
+                             "model.attention": attention},
+              **{f"model.attention_kwargs.{k}": v for k, v in kwargs.items()})
+  res = train.main(th.argv("lm_tiny", tmp_path, over))
+  assert res.summary["model_config"]["attention"] == attention
+  assert res.summary["model_config"]["attention_kwargs"] == kwargs
+  attn = res.model.blocks[0].attn
+  for k, v in kwargs.items():
+    assert getattr(attn, k) == v, k
+  assert np.isfinite(res.summary["final_eval"]["loss"])
+  # lm_small has the same entries
+  cfg = train.parse_args(th.argv("lm_small", tmp_path / "small", over))[0]
+  assert {k: cfg.model.attention_kwargs[k] for k in kwargs} == kwargs
+
+
+def test_readme_sliding_window_command_parses(tmp_path):
+  readme = (th.ROOT / "README.md").read_text()
+  line = next(l for l in readme.splitlines() if "attention_kwargs.window" in l)
+  flags = [a for a in line.split() if a.startswith("--config.")]
+  assert "--config.model.attention=sliding_window" in flags
+  cfg = train.parse_args(["train.py", "--config", str(th.CONFIGS / "lm_tiny.py"),
+                          "--workdir", str(tmp_path)] + flags)[0]
+  assert cfg.model.attention == "sliding_window" and cfg.model.attention_kwargs.window > 0
