@@ -484,6 +484,7 @@ def chain(*mods: ScoreMod) -> ScoreMod:
                   key=("chain",) + keys if all(k is not None for k in keys) else None)
 
 
+@jax.tree_util.register_pytree_node_class
 class _LazyChain(ScoreMod):
   """A chain holding user functions: binds its members, then chains them."""
 

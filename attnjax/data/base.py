@@ -63,6 +63,8 @@ class DatasetInfo:
     seq_len: text only: ``T`` of ``inputs [B, T]``.
     num_classes: images only: labels are in ``[0, num_classes)``.
     image_shape: images only: ``(H, W, C)``.
+    bytes_per_token: text only: bytes of text per token (``1.0`` for the byte-level corpora);
+      ``None`` when tokens are not text bytes (``mqar``, ``copy``), whatever ``vocab_size`` is.
   """
 
   name: str
@@ -74,6 +76,7 @@ class DatasetInfo:
   seq_len: int | None = None
   num_classes: int | None = None
   image_shape: tuple[int, int, int] | None = None
+  bytes_per_token: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -94,7 +94,8 @@ def stream_source(tokens: np.ndarray, *, name: str, split: str, seq_len: int,
                   description: str) -> Source:
   n = num_windows(len(tokens), seq_len, split)
   info = DatasetInfo(name=name, split=split, kind="text", num_examples=n,
-                     description=description, vocab_size=VOCAB_SIZE, seq_len=seq_len)
+                     description=description, vocab_size=VOCAB_SIZE, seq_len=seq_len,
+                     bytes_per_token=1.0)
   windows = StreamWindows(tokens, seq_len)
   return Source(info=info, num_examples=n, get=windows, pad=text_pad(seq_len), tokens=tokens,
                 get_batch=windows.batch)

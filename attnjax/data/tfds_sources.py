@@ -77,7 +77,7 @@ def tfds_source(name: str, cfg: Mapping[str, Any], split: str) -> Source:
   if name == "lm1b":
     seq_len = positive_int(cfg, "seq_len", 128)
     info = DatasetInfo(name=f"tfds:{name}", split=split, kind="text", num_examples=n,
-                       vocab_size=VOCAB_SIZE, seq_len=seq_len,
+                       vocab_size=VOCAB_SIZE, seq_len=seq_len, bytes_per_token=1.0,
                        description=f"TFDS lm1b {split} split, byte-level, one sentence per row "
                                    "padded (not packed), '\\n' ends a sentence")
     return Source(info=info, num_examples=n, get=PaddedSentences(records, seq_len),

@@ -552,8 +552,9 @@ def cache_step(buffers: Sequence[jax.Array], new: Sequence[jax.Array], pos, leng
 
   Errors (``ValueError``), so that no call returns wrong numbers silently:
 
-  * ``window_left=None`` and ``T > S``: more new tokens than the cache holds (a shape fact,
-    raised under ``jax.jit`` too);
+  * ``window_left=None``, ``num_new=None`` and ``T > S``: more new tokens than the cache holds
+    (a shape fact, raised under ``jax.jit`` too; with ``num_new`` the padding beyond it is not
+    written, so a chunk padded past ``S`` is fine while its real tokens fit);
   * when ``num_new`` is concrete (not traced): a value outside ``[0, T]``;
   * when ``length`` and ``num_new`` are concrete: without a window, ``length + num_new > S``
     (tokens the queries need would be overwritten); with a ring smaller than the look-back
@@ -570,7 +571,7 @@ def cache_step(buffers: Sequence[jax.Array], new: Sequence[jax.Array], pos, leng
   """
   B, S = pos.shape
   T = new[0].shape[1]
-  if window_left is None and T > S:
+  if window_left is None and num_new is None and T > S:
     raise ValueError(f"{T} new tokens do not fit the KV cache: it holds {S} tokens (the "
                      f"max_length given to init_cache), and without a window every token of a "
                      f"sequence must stay in the cache; create the cache with max_length >= "

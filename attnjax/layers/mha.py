@@ -124,7 +124,8 @@ class MultiHeadAttention(nnx.Module):
   cache lengths. With ``window`` the cache is a ring buffer of ``W`` slots, so its memory is
   bounded by the window, and a call may pass any number of tokens; without, ``max_length``
   must cover every token of a sequence: a call with more new tokens than the cache holds
-  raises ``ValueError`` (a shape fact, also under jit), and so does an eager call whose cache
+  (and no ``num_new``: all real) raises ``ValueError`` (a shape fact, also under jit), and so
+  does an eager call whose cache
   length plus ``num_new`` exceeds it; under jit that overflow cannot be reported (the oldest
   slots are overwritten), so staying within ``max_length`` is the caller's contract.
   Cross attention decodes by projecting the memory once (:meth:`project_memory`) and passing
@@ -496,7 +497,9 @@ class MultiHeadAttention(nnx.Module):
     Returns ``(out, new_cache)``; ``out`` equals the parallel forward at the same positions.
 
     ``ValueError`` when ``cache`` does not fit (batch, KV heads, head dims), when a cache
-    without window holds fewer than ``T`` tokens, and, for concrete (not traced) values, when
+    without window holds fewer than ``T`` tokens and ``num_new`` is not given (padding beyond
+    ``num_new`` is never written, so a padded chunk longer than the cache is fine while its
+    real tokens fit), and, for concrete (not traced) values, when
     ``num_new`` is outside ``[0, T]`` or the cache would overflow (see
     :func:`attnjax.layers.common.cache_step`). Under jit, ``num_new`` is clipped to
     ``[0, T]``."""

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attnjax.backends.base import explicit_spec
+
 
 def sample_logits(logits, key, temperature: float, top_k: int | None):
   """Next tokens ``int32 [B]`` from ``logits [B, V]``: argmax if ``temperature == 0``, else a
@@ -37,7 +39,9 @@ def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature, top_
   model = nnx.merge(graphdef, state)
   B, T0 = prompt.shape
   total = T0 + max_new_tokens
-  buf = jnp.zeros((B, total), jnp.int32).at[:, :T0].set(prompt)
+  spec = explicit_spec(prompt)   # explicit-axes mesh: the buffer is sharded like the prompt
+  kw = {} if spec is None else {"out_sharding": jax.sharding.PartitionSpec(*spec)}
+  buf = jnp.zeros((B, total), jnp.int32, **kw).at[:, :T0].set(prompt)
   sample = lambda logits, i: sample_logits(
       logits, None if temperature == 0 else jax.random.fold_in(rng, i), temperature, top_k)
   if not use_cache:

@@ -103,12 +103,13 @@ class DecoderLM(nnx.Module):
   balancing; 0.0 for the others), a float32 scalar to be weighted by the caller.
 
   Token ids must lie in ``[0, vocab_size)``. Concrete (not traced) ids outside it raise
-  ``ValueError`` naming them (``__call__``, :meth:`decode`, and ``generate``'s prompt). Under
+  ``ValueError`` naming them (``__call__``, :meth:`decode` -- there only the ``num_new`` real
+  tokens are checked, padding may hold anything --, and ``generate``'s prompt). Under
   ``jax.jit`` the check is impossible; there an out-of-range id (negative ones included, which
-  do not wrap around) embeds as NaN on every path (with or without an explicit-axes mesh), so
-  the logits of its sequence are NaN from that position on (dense attention backends spread
-  it to earlier positions too: masked keys still enter the value product with weight 0),
-  never those of some other token.
+  do not wrap around) embeds as the zero vector on every path (with or without an
+  explicit-axes mesh): never as some other token, and finite, so that padding slots holding
+  e.g. ``-1`` leave the real tokens' results unchanged (a NaN embedding would reach them through
+  masked keys, which still enter the value product with weight 0).
 
   Context (sequence) parallelism: :meth:`set_context_parallel` makes every attention layer run
   :func:`attnjax.parallel.context_parallel_attention` over a mesh axis. The tokens are then in
@@ -160,15 +161,22 @@ class DecoderLM(nnx.Module):
         param_dtype=self.param_dtype, rngs=rngs)
 
   # ------------------------------------------------------------------------------ pieces
-  def check_tokens(self, tokens, name: str = "tokens"):
+  def check_tokens(self, tokens, name: str = "tokens", num_new=None):
     """``ValueError`` unless ``tokens`` is an int array ``[B, T]`` whose values, when concrete
-    (not traced), lie in ``[0, vocab_size)``. Returns ``tokens`` as a jax array."""
+    (not traced), lie in ``[0, vocab_size)``. With ``num_new [B]`` only the first ``num_new[b]``
+    tokens of each row are checked (the rest is padding), and nothing when ``num_new`` is
+    traced. Returns ``tokens`` as a jax array."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"{name} must be an int array [B, T], got {tokens.dtype}{tokens.shape}")
+    if num_new is not None and isinstance(num_new, jax.core.Tracer):
+      return tokens
     if not isinstance(tokens, jax.core.Tracer) and tokens.size:
       vals = np.asarray(tokens)
       bad = (vals < 0) | (vals >= self.vocab_size)
+      if num_new is not None:
+        real = np.arange(vals.shape[1])[None, :] < np.reshape(np.asarray(num_new), (-1, 1))
+        bad &= real
       if bad.any():
         where = np.argwhere(bad)
         shown = ", ".join(f"{name}[{b}, {t}]={int(vals[b, t])}" for b, t in where[:5])
@@ -177,11 +185,11 @@ class DecoderLM(nnx.Module):
                          f"{shown}{more}")
     return tokens
 
-  def _embed(self, tokens):
-    tokens = self.check_tokens(tokens)
+  def _embed(self, tokens, num_new=None):
+    tokens = self.check_tokens(tokens, num_new=num_new)
     table = self.embedding[...]
     # ids outside [0, vocab) (negative ones included: no wrap-around) all go to row V, out of
-    # range, which the gather fills with NaN: the same on both paths below
+    # range, which the gather fills with zeros: the same on both paths below
     V = self.vocab_size
     ids = tokens.astype(jnp.int32)
     ids = jnp.where((ids >= 0) & (ids < V), ids, V)
@@ -191,7 +199,7 @@ class DecoderLM(nnx.Module):
     if spec is None and explicit_spec(table) is not None:
       spec = (None,) * ids.ndim   # tokens without a mesh type: replicated
     kw = {} if spec is None else {"out_sharding": jax.sharding.PartitionSpec(*spec, None)}
-    return table.at[ids].get(mode="fill", fill_value=jnp.nan, **kw).astype(self.dtype)
+    return table.at[ids].get(mode="fill", fill_value=0, **kw).astype(self.dtype)
 
   def _logits(self, x):
     x = self.final_norm(x)
@@ -279,7 +287,7 @@ class DecoderLM(nnx.Module):
     if not isinstance(cache, (tuple, list)) or len(cache) != self.num_layers:
       raise ValueError(f"cache must be the tuple of {self.num_layers} per-layer caches from "
                        f"init_cache, got {type(cache).__name__}")
-    x = self._embed(tokens)
+    x = self._embed(tokens, num_new=num_new)
     new_cache = []
     for block, c in zip(self.blocks, cache):
       x, c = block.decode(x, c, num_new=num_new)

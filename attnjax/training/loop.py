@@ -114,10 +114,10 @@ class _Timer:
 
 
 def _bytes_per_token(info) -> float | None:
+  """Bytes of text per token as the dataset declares it (``DatasetInfo.bytes_per_token``);
+  ``None`` (no bits/byte) for datasets whose tokens are not text bytes, even with 256 ids."""
   bpt = getattr(info, "bytes_per_token", None)
-  if bpt:
-    return float(bpt)
-  return 1.0 if info.kind == "text" and info.vocab_size == 256 else None
+  return float(bpt) if bpt else None
 
 
 CP_STRATEGIES = ("ring", "all_gather", "ulysses")

@@ -475,3 +475,16 @@ def test_tfds_unprepared_dataset_says_how_to_build_it(tmp_path):
   cfg = {"name": "tfds:mnist", "data_dir": str(tmp_path)}
   with pytest.raises(data.DataUnavailableError, match="tfds build mnist"):
     data.make_dataset(cfg, split="train", batch_size=2, seed=0)
+
+
+def test_bytes_per_token_comes_from_the_dataset_not_the_vocabulary_size():
+  """Byte-level corpora declare 1 byte per token; synthetic token-id tasks declare none, even
+  with exactly 256 ids, so the training loop reports no bits/byte for them."""
+  from attnjax.training import loop  # pylint: disable=import-outside-toplevel
+  text = data.make_source(STDLIB, "eval").info
+  assert text.bytes_per_token == 1.0 and loop._bytes_per_token(text) == 1.0
+  copy = {"name": "copy", "vocab_size": 256, "seq_len": 15, "copy_len": 6}
+  for cfg in (MQAR, dict(MQAR, vocab_size=256), copy):
+    info = data.make_source(cfg, "eval").info
+    assert info.kind == "text" and info.bytes_per_token is None, cfg
+    assert loop._bytes_per_token(info) is None, cfg

@@ -307,6 +307,17 @@ def test_decode_rejects_more_new_tokens_than_the_cache_holds():
   # exactly filling the cache is fine and equals the parallel forward
   out, cache = m.decode(x[:, 3:4], cache)
   close(out, ref_forward(m, x[:, :4])[:, 3:4])
+  # a ragged prefill padded past the cache is fine while its real tokens fit (padding is not
+  # written), eager and jitted; too many real tokens still raise eagerly
+  x2 = rand(42, (2, 6, C))
+  for decode in (lambda m, x, c, n: m.decode(x, c, num_new=n),
+                 nnx.jit(lambda m, x, c, n: m.decode(x, c, num_new=n))):
+    out, cache = decode(m, x2, m.init_cache(2, max_length=4), jnp.asarray([4, 3]))
+    np.testing.assert_array_equal(np.asarray(cache.length), [4, 3])
+    close(out[0, :4], ref_forward(m, x2[:1, :4])[0])
+    close(out[1, :3], ref_forward(m, x2[1:, :3])[0])
+  with pytest.raises(ValueError, match=r"overflows: cache length \[0, 0\] \+ num_new \[5, 3\]"):
+    m.decode(x2, m.init_cache(2, max_length=4), num_new=jnp.asarray([5, 3]))
   # ring buffer: a 7-token prefill into 3 slots, then steps, equal the parallel forward
   w = build(MultiHeadAttention, 2, C, num_kv_heads=1, causal=True, window=3, rope_theta=100.0)
   xw = rand(41, (2, 9, C))
@@ -437,3 +448,23 @@ def test_constructor_score_mod_params_are_trained():
                                                                       *mod.params[1], md)))
   keys = ["/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.grad(loss)(frozen))]
   assert keys and not any(k.startswith("stored_score_mod") for k in keys)
+
+
+def test_constructor_score_mod_chaining_a_user_function():
+  """A chain holding a plain function (a lazily bound chain) is accepted by the constructor:
+  its built-in members' arrays become parameters, the function's captured arrays stay
+  constants, and the layer equals the same mod passed at call time (jit and eager)."""
+  H, C = 4, 16
+  x = jax.random.normal(jax.random.key(0), (2, 6, C))
+  bias = jnp.arange(H, dtype=jnp.float32) * 0.3
+  sm = scores.chain(scores.alibi(scores.alibi_slopes(H)), lambda s, b, h, q, k: s + bias[h])
+  leaves, treedef = jax.tree.flatten(sm)
+  assert len(leaves) == 1 and jax.tree.unflatten(treedef, leaves).name == sm.name
+  layer = MultiHeadAttention(H, C, causal=True, score_mod=sm, rngs=nnx.Rngs(0))
+  plain = MultiHeadAttention(H, C, causal=True, rngs=nnx.Rngs(0))
+  want = plain(x, score_mod=sm)
+  assert not np.allclose(want, plain(x), atol=1e-3)
+  np.testing.assert_allclose(layer(x), want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(layer, x), want, rtol=1e-6, atol=1e-6)
+  params = nnx.state(layer.stored_score_mod, nnx.Param)
+  assert len(jax.tree.leaves(params)) == 1   # the ALiBi slopes

@@ -270,7 +270,8 @@ def test_bfloat16():
 def test_out_of_vocabulary_ids():
   """Ids outside [0, vocab) used to be accepted: id == vocab gave NaN logits, id -1 wrapped to
   the last token, and the explicit-mesh path clipped both. Concrete ids raise now (forward,
-  decode, generate's prompt); under jit every path embeds them as NaN."""
+  decode's real tokens, generate's prompt); under jit every path embeds them as zeros: no wrap,
+  finite, and padding ids beyond num_new leave the real tokens' logits unchanged."""
   m = lm("mha")
   bad = jnp.asarray([[1, 2, V, 3], [0, -1, 4, 5]], jnp.int32)
   with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size=64\); got "
@@ -283,13 +284,28 @@ def test_out_of_vocabulary_ids():
   with pytest.raises(ValueError, match="and 3 more"):
     m(jnp.full((1, 8), V, jnp.int32))
 
+  good = np.asarray(lm_forward(m, jnp.abs(bad) % V)[0])
+  wrapped = np.asarray(lm_forward(m, jnp.where(bad < 0, V - 1, bad % V))[0])
+
   def check(logits):
     logits = np.asarray(logits)
-    assert np.isnan(logits[0, 2:]).all() and np.isnan(logits[1, 1:]).all()   # -1 no wrap
+    assert np.isfinite(logits).all()
+    # causal: positions before the first bad id are unaffected; -1 is not token V - 1
+    np.testing.assert_allclose(logits[0, :2], good[0, :2], atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(logits[1, :1], good[1, :1], atol=2e-5, rtol=2e-5)
+    assert not np.allclose(logits[1, 1], wrapped[1, 1], atol=1e-3)
 
   check(lm_forward(m, bad)[0])
-  good = np.asarray(lm_forward(m, jnp.abs(bad) % V)[0])
-  assert np.isfinite(good).all()
+  # decode checks only the real tokens; padding ids (-1, V) do not reach the real logits
+  real = jnp.asarray([[1, 2, 7, 3], [0, 4, 4, 5]], jnp.int32)
+  padded = jnp.where(jnp.arange(4)[None, :] < jnp.asarray([[2], [3]]), real,
+                     jnp.asarray([[-1], [V]]))
+  for dec in (lambda m, t, c, n: m.decode(t, c, num_new=n),
+              nnx.jit(lambda m, t, c, n: m.decode(t, c, num_new=n))):
+    lp, _ = dec(m, padded, m.init_cache(B, 8), jnp.asarray([2, 3]))
+    lr, _ = dec(m, real, m.init_cache(B, 8), jnp.asarray([2, 3]))
+    np.testing.assert_allclose(np.asarray(lp)[0, :2], np.asarray(lr)[0, :2], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lp)[1, :3], np.asarray(lr)[1, :3], atol=1e-5, rtol=1e-5)
   if len(jax.devices()) >= 2:
     mesh = jax.make_mesh((2,), ("tensor",), axis_types=(jax.sharding.AxisType.Explicit,))
     with jax.set_mesh(mesh):
@@ -323,3 +339,22 @@ def test_decode_and_generate_under_an_explicit_tensor_mesh(name):
   np.testing.assert_allclose(np.asarray(dec), want_logits, atol=2e-5, rtol=2e-5)
   np.testing.assert_array_equal(gen, want_gen)
   np.testing.assert_array_equal(gen_nc, want_gen)
+
+
+def test_generate_with_a_batch_sharded_prompt_under_an_explicit_mesh():
+  """A prompt sharded over the data axis of an explicit-axes mesh used to fail (the token
+  buffer was replicated); the buffer now takes the prompt's sharding, and cached and uncached
+  generation equal the unsharded model's."""
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 devices (tests/conftest.py simulates 8)")
+  kw = dict(LM_KW, num_layers=1, **LM_EXTRA.get("gqa", {}))
+  prompt = tokens(12, (B, 5))
+  want = np.asarray(generate(DecoderLM(attention="gqa", **kw, rngs=rngs(0)), prompt, 4))
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    m = DecoderLM(attention="gqa", **kw, rngs=rngs(0))
+    sharded = jax.device_put(prompt, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec("data")))
+    for use_cache in (True, False):
+      np.testing.assert_array_equal(np.asarray(generate(m, sharded, 4, use_cache=use_cache)), want)
