@@ -11,6 +11,8 @@ tokens/s); bit-identical results in both runs."""
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from attnjax.training.loop import attention_kwargs_config
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -33,21 +35,9 @@ def get_config():
   c.model.num_kv_heads = placeholder(int)
   c.model.mlp_dim = 384
   c.model.attention = "mha"
-  # Constructor arguments of the attention layer (attnjax.models.LM_ATTENTIONS), e.g.
+  # Constructor arguments of the attention layer, None = unset, e.g.
   # --config.model.attention=sliding_window --config.model.attention_kwargs.window=64.
-  # Entries left None are not passed; other arguments can be added here in a config file.
-  c.model.attention_kwargs = ml_collections.ConfigDict()
-  ak = c.model.attention_kwargs
-  ak.window = placeholder(int)            # sliding_window (required): W keys, query included
-  ak.stride = placeholder(int)            # strided_heads (required): a head sees 1/stride
-  ak.local_window = placeholder(int)      # strided_heads: dense band |i - j| <= this
-  ak.block = placeholder(int)             # strided_heads: tokens per strided shard
-  ak.gate = placeholder(str)              # gated: "elementwise" (default) | "headwise"
-  ak.sinks = placeholder(bool)            # mha family: learned per-head sink logits
-  ak.qk_norm = placeholder(bool)          # mha family: normalize q and k
-  ak.num_shared_heads = placeholder(int)  # moh: always-on heads (default num_heads // 2)
-  ak.top_k = placeholder(int)             # moh: routed heads per token
-  ak.kv_lora_rank = placeholder(int)      # mla: latent size (default 4 * head_dim)
+  c.model.attention_kwargs = attention_kwargs_config()
   c.model.rope_theta = 10000.0
   c.model.dtype = "float32"     # compute dtype; "bfloat16" on accelerators
 

@@ -80,6 +80,27 @@ def _to_dict(x):
   return x
 
 
+def attention_kwargs_config():
+  """``model.attention_kwargs`` for the LM configs: the attention layers' common constructor
+  arguments (:data:`attnjax.models.LM_ATTENTIONS`), each ``None`` (unset: not passed, see
+  :func:`model_config`), so that they can be set on the command line (ml_collections overrides
+  cannot add keys). A config file may add other arguments."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from ml_collections.config_dict import placeholder  # pylint: disable=import-outside-toplevel
+  ak = ml_collections.ConfigDict()
+  ak.window = placeholder(int)            # sliding_window (required): W keys, query included
+  ak.stride = placeholder(int)            # strided_heads (required): a head sees 1/stride
+  ak.local_window = placeholder(int)      # strided_heads: dense band |i - j| <= this
+  ak.block = placeholder(int)             # strided_heads: tokens per strided shard
+  ak.gate = placeholder(str)              # gated: "elementwise" (default) | "headwise"
+  ak.sinks = placeholder(bool)            # mha family: learned per-head sink logits
+  ak.qk_norm = placeholder(bool)          # mha family: normalize q and k
+  ak.num_shared_heads = placeholder(int)  # moh: always-on heads (default num_heads // 2)
+  ak.top_k = placeholder(int)             # moh: routed heads per token
+  ak.kv_lora_rank = placeholder(int)      # mla: latent size (default 4 * head_dim)
+  return ak
+
+
 def model_config(cfg, info) -> dict:
   """``cfg.model`` as a dict with ``None`` entries filled from the dataset info."""
   m = _to_dict(cfg.model)
