@@ -47,6 +47,8 @@ KV caches (functional: layers take a cache and return the updated one)
       incremental decoding shared by all causal layers; returns a :class:`CacheStep`.
   ``shard_heads_like(x, kernel, kernel_head_axis)``  a cache buffer ``[B, S, H, D]`` with its
       head axis sharded like a projection kernel's head axis (explicit-axes meshes).
+  ``shard_cache_batch(cache, batch_axis)``  a cache with its batch axis split over mesh axes
+      (the ``batch_axis`` of every ``init_cache``; decoding data-parallel batches).
 
 Score mods held by layers
   ``StoredScoreMod(score_mod, trainable=True)``  a constructor score mod whose array leaves are
@@ -611,18 +613,20 @@ def cache_step(buffers: Sequence[jax.Array], new: Sequence[jax.Array], pos, leng
   new = tuple(match_sharding(x.astype(b.dtype), b) for b, x in zip(buffers, new))
 
   def scatter(buf, x):
-    return buf.at[b_idx, slots].set(x, mode="drop")
+    spec = explicit_spec(buf)   # a batch-sharded cache: the scatter keeps the buffer's spec
+    kw = {} if spec is None else {"out_sharding": jax.sharding.PartitionSpec(*spec)}
+    return buf.at[b_idx, slots].set(x, mode="drop", **kw)
 
   new_buffers = tuple(scatter(b, x) for b, x in zip(buffers, new))
-  new_pos = pos.at[b_idx, slots].set(q_pos, mode="drop")
+  new_pos = scatter(pos, q_pos)
   write_first = window_left is None or S >= T + window_left
   if write_first:
     attn = new_buffers
     kv_pos, kv_valid = new_pos, new_pos >= 0
   else:
     attn = tuple(jnp.concatenate([b, x], axis=1) for b, x in zip(buffers, new))
-    kv_pos = jnp.concatenate([pos, q_pos], axis=1)
-    kv_valid = jnp.concatenate([pos >= 0, q_valid], axis=1)
+    kv_pos = jnp.concatenate([pos, match_sharding(q_pos, pos)], axis=1)
+    kv_valid = jnp.concatenate([pos >= 0, match_sharding(q_valid, pos)], axis=1)
   return CacheStep(
       attn=attn,
       kv_positions=jnp.where(kv_valid, kv_pos, 0),
@@ -648,6 +652,54 @@ def shard_heads_like(x, kernel, kernel_head_axis: int):
     return x
   return jax.sharding.reshard(x, jax.sharding.NamedSharding(jax.typeof(kernel).sharding.mesh,
                                                             jax.sharding.PartitionSpec(*want)))
+
+
+def shard_cache_batch(cache, batch_axis):
+  """``cache`` (any cache dataclass of arrays with the batch on axis 0) with its batch axis split
+  over the mesh axis or axes ``batch_axis`` (a name, a tuple of names, or ``None`` = leave the
+  cache as it is), the other axes keeping their sharding. Decoding a batch that is sharded over
+  a data axis then keeps each replica's examples' keys and values on that replica instead of
+  replicating the whole batch's cache on every device.
+
+  Needs an active mesh (``jax.set_mesh``); eager or under ``jax.jit``, explicit or auto axes
+  (``jax.device_put`` to the spec). ``ValueError`` for an unknown axis name, an axis that also
+  shards another axis of the cache (e.g. ``"tensor"`` when heads are split over it), or a batch
+  size the axes do not divide."""
+  if batch_axis is None:
+    return cache
+  names = (batch_axis,) if isinstance(batch_axis, str) else batch_axis
+  if not isinstance(names, (tuple, list)) or not names or \
+      not all(isinstance(n, str) for n in names):
+    raise ValueError(f"batch_axis must be a mesh axis name, a tuple of names or None, got "
+                     f"{batch_axis!r}")
+  names = tuple(names)
+  if not _mesh_active():
+    raise ValueError(f"batch_axis={batch_axis!r} needs an active mesh (jax.set_mesh(mesh)); "
+                     f"without one the cache lives on one device")
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  unknown = [n for n in names if n not in sizes]
+  if unknown:
+    raise ValueError(f"batch_axis={batch_axis!r}: {unknown} not in the mesh axes "
+                     f"{tuple(mesh.axis_names)}")
+  split = _prod(sizes[n] for n in names)
+  leaves = jax.tree.leaves(cache)
+  batch = leaves[0].shape[0]
+  if batch % split:
+    raise ValueError(f"batch_axis={batch_axis!r} splits the batch {split} ways, which does not "
+                     f"divide the cache's batch size {batch}")
+  entry = names[0] if len(names) == 1 else names
+
+  def place(x):
+    spec = list(explicit_spec(x) or (None,) * x.ndim)
+    used = {a for e in spec[1:] for a in _mesh_axes_of(e)}
+    if used & set(names):
+      raise ValueError(f"batch_axis={batch_axis!r} is already used by another axis of the "
+                       f"cache (spec {tuple(spec)}); pick the axis the batch is split over")
+    spec[0] = entry
+    return jax.device_put(x, jax.sharding.PartitionSpec(*spec))
+
+  return jax.tree.map(place, cache)
 
 
 def check_cache_shapes(owner: str, cache, expected: dict, hint: str):
@@ -740,6 +792,6 @@ __all__ = [
     "AXIS_RULES", "mesh_axes", "partitioned", "mesh_axis_size", "check_choice", "check_int",
     "check_divisible", "check_real", "check_bool", "canonical_dtype", "check_impl",
     "check_cache_shapes", "Projection", "RMSNorm", "apply_rope", "default_positions", "KVCache",
-    "LatentKVCache", "CrossKV", "CacheStep", "cache_step", "shard_heads_like", "ScoreModConstant",
+    "LatentKVCache", "CrossKV", "CacheStep", "cache_step", "shard_heads_like", "shard_cache_batch", "ScoreModConstant",
     "StoredScoreMod", "attend", "combine_masks",
 ]

@@ -435,13 +435,18 @@ class MultiHeadAttention(nnx.Module):
     return self.finish(x, y)
 
   # ------------------------------------------------------------------------------ decoding
-  def init_cache(self, batch_size: int, max_length: int, *, dtype=None) -> common.KVCache:
+  def init_cache(self, batch_size: int, max_length: int, *, dtype=None,
+                 batch_axis=None) -> common.KVCache:
     """An empty cache for ``batch_size`` sequences of up to ``max_length`` tokens. With a
     ``window`` the cache is a ring buffer of ``min(window, max_length)`` slots.
+    ``batch_axis``: the mesh axis (or axes) the decoded batch is split over, e.g. ``"data"``;
+    the cache's batch axis is then split the same way (see
+    :func:`attnjax.layers.common.shard_cache_batch`). ``None``: batch axis replicated.
 
     Under an explicit-axes mesh the key/value buffers ``[B, S, Hkv, D]`` have their head axis
     sharded like the layer's key/value projections produce it (``"kv_heads"``, or replicated
-    when the layer replicates its KV heads) and the other axes replicated; :meth:`decode`
+    when the layer replicates its KV heads), the batch axis split over ``batch_axis`` and the
+    other axes replicated; :meth:`decode`
     reshards the new tokens' keys/values to the cache's sharding before writing them."""
     self._require_decodable()
     common.check_int("max_length", max_length, 1)
@@ -449,9 +454,10 @@ class MultiHeadAttention(nnx.Module):
     dt = self.dtype if dtype is None else common.canonical_dtype("dtype", dtype)
     cache = common.KVCache.create(batch_size, cap, self.num_kv_heads, self.head_dim,
                                   self.v_head_dim, dt)
-    return dataclasses.replace(
+    cache = dataclasses.replace(
         cache, k=common.shard_heads_like(cache.k, self.key.kernel[...], 1),
         v=common.shard_heads_like(cache.v, self.value.kernel[...], 1))
+    return common.shard_cache_batch(cache, batch_axis)
 
   def _require_decodable(self):
     if not self.causal:

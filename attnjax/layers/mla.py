@@ -211,17 +211,22 @@ class MultiHeadLatentAttention(nnx.Module):
     return self.wo(y)
 
   # ------------------------------------------------------------------------------ decoding
-  def init_cache(self, batch_size: int, max_length: int, *, dtype=None) -> common.LatentKVCache:
+  def init_cache(self, batch_size: int, max_length: int, *, dtype=None,
+                 batch_axis=None) -> common.LatentKVCache:
     """Empty latent cache (``d_c + d_R`` values per token; a ring of ``window`` slots when the
-    layer has a window)."""
+    layer has a window).
+    ``batch_axis``: the mesh axis (or axes) the decoded batch is split over, e.g. ``"data"``;
+    the cache's batch axis is then split the same way (see
+    :func:`attnjax.layers.common.shard_cache_batch`). ``None``: batch axis replicated."""
     if not self.causal:
       raise ValueError("decoding with a KV cache needs causal=True (allowed: causal self "
                        "attention); this layer has causal=False")
     common.check_int("max_length", max_length, 1)
     cap = max_length if self.window is None else min(max_length, self.window)
     dt = self.dtype if dtype is None else common.canonical_dtype("dtype", dtype)
-    return common.LatentKVCache.create(batch_size, cap, self.kv_lora_rank,
-                                       self.qk_rope_head_dim, dt)
+    return common.shard_cache_batch(
+        common.LatentKVCache.create(batch_size, cap, self.kv_lora_rank, self.qk_rope_head_dim,
+                                    dt), batch_axis)
 
   def decode(self, x, cache: common.LatentKVCache, *, num_new=None, mask=None, score_mod=None,
              sinks=None, absorb: bool | None = None):

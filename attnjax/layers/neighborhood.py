@@ -136,13 +136,18 @@ class _NeighborhoodAttention(nnx.Module):
                          f"exceeds grid_size={grid} on axis {a}")
     return grid
 
-  def init_cache(self, batch_size: int, grid_size, *, dtype=None) -> common.KVCache:
+  def init_cache(self, batch_size: int, grid_size, *, dtype=None,
+                 batch_axis=None) -> common.KVCache:
     """An empty cache for generating ``batch_size`` grids of ``grid_size`` tokens in row-major
-    order (every axis must be causal). Capacity is the whole grid."""
+    order (every axis must be causal). Capacity is the whole grid.
+    ``batch_axis``: the mesh axis (or axes) the decoded batch is split over, e.g. ``"data"``;
+    the cache's batch axis is then split the same way (see
+    :func:`attnjax.layers.common.shard_cache_batch`). ``None``: batch axis replicated."""
     grid = self._check_decodable(grid_size)
     dt = jnp.float32 if dtype is None else common.canonical_dtype("dtype", dtype)
-    return common.KVCache.create(batch_size, math.prod(grid), self.num_heads, self.head_dim,
-                                 self.head_dim, dt)
+    return common.shard_cache_batch(
+        common.KVCache.create(batch_size, math.prod(grid), self.num_heads, self.head_dim,
+                              self.head_dim, dt), batch_axis)
 
   def decode(self, x: jax.Array, cache: common.KVCache, grid_size, *, num_new=None):
     """Incremental causal NA: ``x [B, T, dim]`` are the next ``T`` tokens of each example in

@@ -54,7 +54,10 @@ def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature, top_
       return jax.lax.dynamic_update_index_in_dim(buf, nxt, t, axis=1)
     return jax.lax.fori_loop(0, max_new_tokens, body, buf)
 
-  cache = model.init_cache(B, total)
+  # a batch-sharded prompt (explicit mesh) gets a cache split the same way over its batch axis
+  batch_axis = None if spec is None else spec[0]
+  cache = (model.init_cache(B, total) if batch_axis is None
+           else model.init_cache(B, total, batch_axis=batch_axis))
   logits, cache = model.decode(prompt, cache)                  # prefill
   nxt = sample(logits[:, -1], 0)
   buf = buf.at[:, T0].set(nxt)

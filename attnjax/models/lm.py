@@ -268,14 +268,17 @@ class DecoderLM(nnx.Module):
           f"attention={self.attention!r} ({type(attn).__name__}) has no KV-cache decoding; "
           f"attentions that decode: {decodable}; use generate(..., use_cache=False)")
 
-  def init_cache(self, batch_size: int, capacity: int, dtype=None):
+  def init_cache(self, batch_size: int, capacity: int, dtype=None, *, batch_axis=None):
     """Empty per-layer caches (a tuple, one per block) for ``batch_size`` sequences of up to
     ``capacity`` tokens (sliding-window layers keep a ring of ``min(window, capacity)``).
-    ``dtype`` defaults to the compute dtype. Raises ``NotImplementedError`` for attentions
-    without a KV cache."""
+    ``dtype`` defaults to the compute dtype. ``batch_axis``: the mesh axis (or axes) the
+    tokens' batch is split over (e.g. ``"data"``); each cache's batch axis is split the same
+    way, so data-parallel replicas hold only their own examples' keys and values (``None``:
+    replicated). Raises ``NotImplementedError`` for attentions without a KV cache."""
     self._require_decodable()
     common.check_int("capacity", capacity, 1)
-    return tuple(b.attn.init_cache(batch_size, capacity, dtype=dtype) for b in self.blocks)
+    return tuple(b.attn.init_cache(batch_size, capacity, dtype=dtype, batch_axis=batch_axis)
+                 for b in self.blocks)
 
   def decode(self, tokens, cache, *, num_new=None):
     """Run the next ``n`` tokens ``[B, n]`` of each sequence against ``cache``; returns

@@ -147,3 +147,36 @@ def test_real_and_bool_checks_accept_numpy_and_jax_scalars():
   for bad in (1, 0, np.int32(1), 1.0, "yes", None):
     with pytest.raises(ValueError, match="flag must be a bool"):
       common.check_bool("flag", bad)
+
+
+def test_shard_cache_batch_splits_the_batch_and_rejects_what_it_cannot_split():
+  """``batch_axis`` of init_cache: the batch axis of every cache array goes to the named mesh
+  axis (explicit meshes: resharded; auto meshes: constrained); bad requests raise naming it."""
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 devices (tests/conftest.py simulates 8)")
+  P = jax.sharding.PartitionSpec
+  cache = common.KVCache.create(4, 6, 2, 8)
+  assert common.shard_cache_batch(cache, None) is cache
+  with pytest.raises(ValueError, match="needs an active mesh"):
+    common.shard_cache_batch(cache, "data")
+  for axis_type in (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto):
+    mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(axis_type,) * 2)
+    with jax.set_mesh(mesh):
+      out = common.shard_cache_batch(cache, "data")
+      for leaf in jax.tree.leaves(out):
+        assert leaf.sharding.spec[0] == "data", leaf.sharding
+        assert leaf.sharding.num_devices == 4
+      both = common.shard_cache_batch(cache, ("data", "tensor"))
+      assert both.k.sharding.spec[0] == ("data", "tensor")
+      with pytest.raises(ValueError, match=r"\['model'\] not in the mesh axes"):
+        common.shard_cache_batch(cache, "model")
+      with pytest.raises(ValueError, match="does not divide the cache's batch size 3"):
+        common.shard_cache_batch(common.KVCache.create(3, 6, 2, 8), "data")
+      with pytest.raises(ValueError, match="batch_axis must be a mesh axis name"):
+        common.shard_cache_batch(cache, 0)
+  explicit = jax.make_mesh((2, 2), ("data", "tensor"),
+                           axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  with jax.set_mesh(explicit):
+    heads = jax.sharding.reshard(cache.k, P(None, None, "tensor"))
+    with pytest.raises(ValueError, match="already used by another axis"):
+      common.shard_cache_batch(heads, "tensor")

@@ -94,38 +94,59 @@ def _out(y):
   return y[0] if isinstance(y, tuple) else y
 
 
+@pytest.mark.parametrize("batch_sharded", [False, True], ids=["tensor", "data_x_tensor"])
 @pytest.mark.parametrize("name", sorted(DECODE_LAYERS))
-def test_kv_cache_decoding_under_an_explicit_tensor_mesh(name):
+def test_kv_cache_decoding_under_an_explicit_tensor_mesh(name, batch_sharded):
   """KV-cache decoding under an explicit-axes mesh used to fail in the cache write (head-sharded
   keys scattered into a replicated cache: "Incompatible types for broadcasting") for every
   MultiHeadAttention-based layer. Now the cache is head-sharded like the keys, and a ragged
-  prefill + steps (eager and nnx.jit) equal the parallel forward, sharded and unsharded."""
-  if len(jax.devices()) < 2:
-    pytest.skip("needs 2 devices (tests/conftest.py simulates 8)")
+  prefill + steps (eager and nnx.jit) equal the parallel forward, sharded and unsharded.
+
+  ``data_x_tensor``: tokens split over a data axis too, and the cache made with
+  ``batch_axis="data"``, so each data replica holds only its examples' cache (before, the cache
+  was replicated over the data axis)."""
+  if len(jax.devices()) < (4 if batch_sharded else 2):
+    pytest.skip("needs 4 devices (tests/conftest.py simulates 8)")
   make = DECODE_LAYERS[name]
   B, L = 2, 9
   x = jax.random.normal(jax.random.key(5), (B, L, 32), jnp.float32)
   want = np.asarray(_out(make(nnx.Rngs(0))(x)))
-  mesh = jax.make_mesh((2,), ("tensor",), axis_types=(jax.sharding.AxisType.Explicit,))
+  explicit = jax.sharding.AxisType.Explicit
+  if batch_sharded:
+    mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(explicit,) * 2)
+  else:
+    mesh = jax.make_mesh((2,), ("tensor",), axis_types=(explicit,))
   step = nnx.jit(lambda m, xb, c, n: m.decode(xb, c, num_new=n))
   with jax.set_mesh(mesh):
+    if batch_sharded:
+      x = jax.sharding.reshard(x, jax.sharding.PartitionSpec("data"))
     layer = make(nnx.Rngs(0))
     np.testing.assert_allclose(np.asarray(_out(layer(x))), want, atol=2e-5, rtol=2e-5)
-    cache = layer.init_cache(B, L)
+    cache = layer.init_cache(B, L, batch_axis="data" if batch_sharded else None)
+    batch_spec = "data" if batch_sharded else None
+    for leaf in jax.tree.leaves(cache):
+      assert tuple(jax.typeof(leaf).sharding.spec)[:1] in ((batch_spec,), ())
     if isinstance(cache, layers.common.KVCache) and getattr(layer, "num_kv_heads", 1) > 1:
-      assert tuple(jax.typeof(cache.k).sharding.spec)[:3] == (None, None, "tensor")
+      assert tuple(jax.typeof(cache.k).sharding.spec)[:3] == (batch_spec, None, "tensor")
     lens = np.array([5, 3])
     y, cache = layer.decode(x[:, :5], cache, num_new=jnp.asarray(lens))   # eager prefill
+    y = np.asarray(_out(y))
     for b in range(B):
-      np.testing.assert_allclose(np.asarray(y[b, :lens[b]]), want[b, :lens[b]], atol=2e-5,
+      np.testing.assert_allclose(y[b, :lens[b]], want[b, :lens[b]], atol=2e-5,
                                  rtol=2e-5)
     cur = lens.copy()
     for size in (1, 3, 1):
       nn = np.minimum(size, L - cur)
       xb = np.zeros((B, size, 32), np.float32)
       for b in range(B):
-        xb[b, :nn[b]] = np.asarray(x[b, cur[b]:cur[b] + nn[b]])
-      y, cache = step(layer, jnp.asarray(xb), cache, jnp.asarray(nn, jnp.int32))
+        xb[b, :nn[b]] = np.asarray(x)[b, cur[b]:cur[b] + nn[b]]
+      xb = jnp.asarray(xb)
+      if batch_sharded:
+        xb = jax.sharding.reshard(xb, jax.sharding.PartitionSpec("data"))
+      y, cache = step(layer, xb, cache, jnp.asarray(nn, jnp.int32))
+      y = np.asarray(_out(y))
+      for leaf in jax.tree.leaves(cache):   # the updated cache keeps the batch split
+        assert tuple(jax.typeof(leaf).sharding.spec)[:1] in ((batch_spec,), ())
       for b in range(B):
         np.testing.assert_allclose(np.asarray(y[b, :nn[b]]), want[b, cur[b]:cur[b] + nn[b]],
                                    atol=2e-5, rtol=2e-5)
