@@ -30,7 +30,9 @@ def _plain(v):
 
 class MetricWriter:
   """Appends ``{"step", "split", **metrics}`` records to ``workdir/metrics.jsonl`` and scalars
-  ``<split>/<name>`` to TensorBoard under ``workdir/tb``."""
+  ``<split>/<name>`` to TensorBoard under ``workdir/tb``. ``resume_step``: the checkpoint step a
+  resumed run starts from; records logged after it are dropped from ``metrics.jsonl`` and
+  purged from TensorBoard's view (``purge_step``), so both show the uninterrupted run's curve."""
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
                resume_step: int | None = None):
@@ -45,7 +47,11 @@ class MetricWriter:
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        # A resumed run starts its event file with a SessionLog.START at resume_step + 1:
+        # TensorBoard then discards the earlier files' events from that step on (those the
+        # stopped run logged after its checkpoint), as truncate_after does for metrics.jsonl.
+        purge = None if resume_step is None else int(resume_step) + 1
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
       except ImportError:
         log.warning("tensorboardX is not installed: TensorBoard events are not written "
                     "(metrics.jsonl still is); pip install tensorboardX")
