@@ -26,6 +26,7 @@ tests; ``pallas_tpu`` refuses a GPU and ``pallas_gpu`` a TPU.
 from __future__ import annotations
 
 import importlib
+import numbers
 
 import jax
 import jax.extend.core as jex_core
@@ -52,6 +53,31 @@ _DEFAULT_BLOCKS_BWD = {"tpu": (128, 128), "gpu": (64, 64)}
 # tiles double in shared memory per pipeline stage and the gain is unmeasured.
 _GPU_WIDE_KV, _GPU_WIDE_MAX_PROGRAMS, _GPU_WIDE_MIN_FULL = 128, 2048, 0.75
 _GPU_WIDE_MAX_ROW_BYTES = 128
+
+
+def _check_block(platform: str, name: str, val, compiled: bool | None) -> int:
+  """A ``PallasBackend`` block size, checked against the kernel's rule (``compiled`` None: the
+  mode is not known yet, so only the interpreted rule, which the compiled one implies)."""
+  if isinstance(val, (bool, np.bool_)) or not isinstance(val, numbers.Integral) or val < 8:
+    rule = "a multiple of 8" if platform == "tpu" else "a power of two"
+    raise ValueError(f"{name} must be an int >= 8 and {rule} (pallas_{platform}), got {val!r}")
+  val = int(val)
+  if platform == "tpu":
+    step = 128 if compiled else 8
+    if val % step:
+      why = ("compiled for TPU (interpret=False, or None on a TPU): q/k tiles and the "
+             "lane-dense LSE and key-position rows are 128 wide" if compiled
+             else "interpreted; a multiple of 128 when compiled for TPU hardware")
+      raise ValueError(f"{name} must be a multiple of {step} for pallas_tpu ({why}), got "
+                       f"{name}={val}; allowed e.g. {step}, {2 * step}, {4 * step}")
+  else:
+    floor = 16 if compiled else 8
+    if val & (val - 1) or val < floor:
+      why = ("compiled for GPU: tl.dot needs >= 16" if compiled
+             else "interpreted; >= 16 when compiled for GPU hardware")
+      raise ValueError(f"{name} must be a power of two >= {floor} for pallas_gpu ({why}), got "
+                       f"{name}={val}; allowed e.g. {floor}, {2 * floor}, {4 * floor}")
+  return val
 
 
 def _precision(dtype):
@@ -81,9 +107,23 @@ class PallasBackend(base.Backend):
   forward widens its key tiles to 128 for small grids of mostly FULL tiles, see :meth:`plan`;
   shrunk to the sequence for short inputs). ``block_q_bwd``/``block_kv_bwd`` set the
   backward's separately (default: ``block_q``/``block_kv`` when those are given, else the
-  platform's backward default). ``num_warps``/``num_stages`` are Triton's compiler parameters
-  (GPU only; None: Pallas' defaults). ``interpret=None`` interprets unless running on the
-  kernel's own hardware. ``segment_skip`` builds per-example block tables from segment-id ranges.
+  platform's backward default). Block sizes are ints (numpy ints too) obeying the kernel's
+  rule, checked here when the mode is known (``interpret`` given) and at call time otherwise:
+
+  * TPU: a multiple of 8 interpreted; a multiple of 128 compiled (``block_q`` too, not only
+    ``block_kv``: q/k tiles are (8, 128)-aligned and the LSE and key positions travel
+    lane-dense as ``[1, block]`` rows);
+  * GPU: a power of two, >= 8 interpreted and >= 16 compiled (``tl.dot`` needs 16).
+
+  ``num_warps``/``num_stages`` are Triton's compiler parameters (GPU only; None: Pallas'
+  defaults). ``interpret``: None interprets unless running on the kernel's own hardware (TPU:
+  the TPU interpreter, ``pltpu.InterpretParams()``); True interprets (Pallas' generic
+  interpreter); False compiles (lowering for another platform raises a ``ValueError`` naming
+  ``interpret``); on TPU also a ``pltpu.InterpretParams``. ``segment_skip`` (bool) builds
+  per-example block tables from segment-id ranges; on TPU they are scalar-prefetched into SMEM
+  and the kernel splits a call whose tables exceed
+  :data:`pallas_kernels.flash.smem.SMEM_TABLE_BUDGET` (256 KiB) over groups of examples (then kv
+  heads, then table rows).
   """
 
   def __init__(self, platform: str, block_q: int | None = None, block_kv: int | None = None,
@@ -92,10 +132,20 @@ class PallasBackend(base.Backend):
                block_q_bwd: int | None = None, block_kv_bwd: int | None = None):
     if platform not in _HW:
       raise ValueError(f"platform must be 'tpu' or 'gpu', got {platform!r}")
+    if not (interpret is None or isinstance(interpret, (bool, np.bool_)) or (
+        platform == "tpu" and type(interpret).__name__ == "InterpretParams")):
+      raise ValueError(f"interpret must be None, True, False"
+                       f"{' or a pltpu.InterpretParams' if platform == 'tpu' else ''}, got "
+                       f"{interpret!r}")
+    if not isinstance(segment_skip, (bool, np.bool_)):
+      raise ValueError(f"segment_skip must be a bool, got {segment_skip!r}")
+    interpret = bool(interpret) if isinstance(interpret, np.bool_) else interpret
+    blocks = {}
     for name, val in (("block_q", block_q), ("block_kv", block_kv),
                       ("block_q_bwd", block_q_bwd), ("block_kv_bwd", block_kv_bwd)):
-      if val is not None and (not isinstance(val, int) or val < 8):
-        raise ValueError(f"{name} must be an int >= 8, got {val!r}")
+      blocks[name] = None if val is None else _check_block(
+          platform, name, val, None if interpret is None else interpret is False)
+    block_q, block_kv, block_q_bwd, block_kv_bwd = blocks.values()
     for name, val in (("num_warps", num_warps), ("num_stages", num_stages)):
       if val is None:
         continue
@@ -112,7 +162,7 @@ class PallasBackend(base.Backend):
     self.block_q_bwd = block_q_bwd or block_q
     self.block_kv_bwd = block_kv_bwd or block_kv
     self.interpret = interpret
-    self.segment_skip = segment_skip
+    self.segment_skip = bool(segment_skip)
     dtypes = {"float32", "bfloat16"} | ({"float16"} if platform == "gpu" else set())
     self.capabilities = base.Capabilities(
         name=f"pallas_{platform}", platforms=frozenset({platform, "cpu"}),
@@ -129,6 +179,12 @@ class PallasBackend(base.Backend):
   def _on_hardware(self) -> bool:
     return jax.default_backend() == self.platform
 
+  def _compiled(self) -> bool:
+    """Whether the kernels will be compiled (not interpreted): the setting they receive."""
+    if self.interpret is None:
+      return self._on_hardware()
+    return self.interpret is False
+
   def block_sizes(self, q_len: int, kv_len: int, backward: bool = False) -> tuple[int, int]:
     if backward:
       dq, dk = _DEFAULT_BLOCKS_BWD[self.platform]
@@ -136,12 +192,23 @@ class PallasBackend(base.Backend):
     else:
       dq, dk = _DEFAULT_BLOCKS[self.platform]
       bq, bk = self.block_q or dq, self.block_kv or dk
+    compiled = self._compiled()
     if self.platform == "tpu":
-      # Both block sizes are lane multiples (128) on hardware (the kernel keeps LSE lane-dense).
-      lane = 128 if self._on_hardware() else 8
+      # Both block sizes are lane multiples (128) when compiled (the kernel keeps LSE and key
+      # positions lane-dense); 8 suffices interpreted.
+      lane = 128 if compiled else 8
       return min(bq, _round_up(q_len, lane)), min(bk, _round_up(kv_len, lane))
-    floor = 16 if self._on_hardware() else 8
+    floor = 16 if compiled else 8
     return (min(bq, max(floor, _next_pow2(q_len))), min(bk, max(floor, _next_pow2(kv_len))))
+
+  def _check_compiled_blocks(self):
+    """With ``interpret=None`` the mode is known only now: a chosen block the compiled kernel
+    cannot take is named as this backend's argument (not the kernel's)."""
+    if self.interpret is None and self._compiled():
+      for name in ("block_q", "block_kv", "block_q_bwd", "block_kv_bwd"):
+        val = getattr(self, name)
+        if val is not None:
+          _check_block(self.platform, name, val, True)
 
   def unsupported_problem(self, p: base.Problem, platform: str | None) -> str | None:
     """On a GPU, compiled (not interpreted): what the Triton lowering cannot take, or None."""
@@ -167,7 +234,7 @@ class PallasBackend(base.Backend):
     row_bytes = (_next_pow2(max(p.q.shape[-1], p.v.shape[-1], 16))
                  * jnp.dtype(p.q.dtype).itemsize)
     if (self.platform == "gpu" and self.block_kv is None and self.block_q is None
-        and self._on_hardware() and bk < _GPU_WIDE_KV <= p.kv_len
+        and self._compiled() and bk < _GPU_WIDE_KV <= p.kv_len
         and row_bytes <= _GPU_WIDE_MAX_ROW_BYTES):
       wide = base.static_block_map(p, bq, _GPU_WIDE_KV)
       visited = int((wide != masks_lib.EMPTY).sum())
@@ -178,6 +245,7 @@ class PallasBackend(base.Backend):
     return base.static_block_map(p, bq, bk), bq, bk
 
   def __call__(self, p: base.Problem):
+    self._check_compiled_blocks()
     common = _common()
     kern = _kernels(self.platform)
     B, Tq, Hq, D = p.q.shape

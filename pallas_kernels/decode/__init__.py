@@ -41,22 +41,30 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, q_positions=No
     k_cache, v_cache: ``[B, S, Hkv, D]`` / ``[B, S, Hkv, Dv]`` (``Hq % Hkv == 0``); the layout of
       ``attnjax.layers.common.KVCache``.
     lengths: ``int32 [B]`` tokens written so far per example (ragged).
-    scale: logit scale, default ``1/sqrt(D)``.
+    scale: logit scale, default ``1/sqrt(D)``; a static Python float (a constant of the kernels:
+      a traced value raises).
     q_positions: ``int [B, Tq]`` positions of the queries, default ``lengths[b] - Tq + t``.
     kv_positions: ``int [B, S]`` position held by each slot (``-1`` = empty; ring buffers),
       default the slot index.
     window_left: key ``kp`` visible to query ``qp`` only if ``kp >= qp - window_left``.
     sinks: ``[Hq]`` sink logits joining the softmax denominator (gpt-oss).
-    softcap: ``c`` such that logits become ``c * tanh(logit / c)`` (before masking).
+    softcap: ``c`` such that logits become ``c * tanh(logit / c)`` (before masking); a static
+      finite real number > 0 (not a bool), or None.
     block_kv: keys per block. TPU: multiple of 128 (8 when interpreting); GPU: power of two
       >= 16. Must divide ``S``; left ``None``, a size dividing ``S`` is chosen, else the cache is
-      padded internally (a copy on every call, with a ``CachePaddingWarning``: size caches to a
-      multiple of 128). On a compiled GPU, head dims that are not powers of two >= 16 are
-      zero-padded the same way (a copy of the cache, warned); store such caches padded.
+      padded internally to the smallest multiple of a candidate size (a copy on every call, with
+      a ``CachePaddingWarning``: size caches to a multiple of 128). On a compiled GPU, head
+      dims that are not powers of two >= 16 are zero-padded the same way (a copy of the cache,
+      warned); store such caches padded.
     num_splits: splits of the live blocks (1..S/block_kv); default from S/block_kv, B and Hkv.
     platform: ``"tpu"`` or ``"gpu"``; default the running backend, ``"gpu"`` on CPU.
-    interpret: default True unless running on the platform's hardware; for TPU also a
-      ``pltpu.InterpretParams``.
+    interpret: None (default): interpret unless running on the platform's hardware. True:
+      interpret; on ``"tpu"`` that is the TPU interpreter (``pltpu.InterpretParams()``, which
+      models SMEM/VMEM and DMAs and is slow), unlike the flash TPU kernel, where True means
+      Pallas' generic interpreter and None off TPU the TPU interpreter; on ``"gpu"`` Pallas'
+      generic interpreter. False: compile (Mosaic / Triton); lowering it for any other
+      platform raises a ``ValueError`` naming ``interpret``. For TPU also a
+      ``pltpu.InterpretParams``. Anything else (e.g. a string) raises.
     return_lse: also return the natural-log LSE ``float32 [B, Tq, Hq]``.
 
   Key ``s`` is visible to query ``t`` iff ``0 <= kp < lengths[b]``, ``kp <= qp`` and (window)

@@ -41,12 +41,15 @@ Forward only: decoding needs no gradient, so no VJP is defined (differentiating 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels import platform as platform_lib
 
 PLATFORMS = ("tpu", "gpu")
 
@@ -94,11 +97,13 @@ def resolve_platform(platform) -> str:
 
 
 def resolve_interpret(platform: str, interpret) -> bool:
-  """``None`` -> interpret unless running on the matching hardware."""
+  """``None`` -> interpret unless running on the matching hardware. ``True`` on TPU means the
+  TPU interpreter (``decode_partials`` turns it into ``pltpu.InterpretParams()``)."""
   if interpret is None:
     return jax.default_backend() != platform
-  if isinstance(interpret, bool) or (platform == "tpu" and type(interpret).__name__ ==
-                                     "InterpretParams"):
+  if isinstance(interpret, (bool, np.bool_)):
+    return bool(interpret)
+  if platform == "tpu" and type(interpret).__name__ == "InterpretParams":
     return interpret
   raise ValueError(f"interpret={interpret!r} is not supported on {platform}; allowed values: "
                    "None, True, False" + (", a pltpu.InterpretParams" if platform == "tpu" else ""))
@@ -112,19 +117,25 @@ def check_block_kv(block_kv, platform: str, interpret: bool):
   """TPU: multiple of 128 (8 in interpret mode); GPU: power of two >= 16."""
   if isinstance(block_kv, bool) or not isinstance(block_kv, (int, np.integer)):
     raise ValueError(f"block_kv must be an int, got {block_kv!r}")
+  note = platform_lib.host_note(platform, not interpret)
   if platform == "tpu":
     step = 8 if interpret else 128
     if block_kv < step or block_kv % step:
       raise ValueError(f"block_kv={block_kv} is not allowed on tpu"
                        f"{' (interpret)' if interpret else ''}: it must be a positive multiple "
-                       f"of {step}")
+                       f"of {step}{note}")
   elif not (_is_pow2(block_kv) and block_kv >= 16):
-    raise ValueError(f"block_kv={block_kv} is not allowed on gpu: it must be a power of two >= 16")
+    raise ValueError(f"block_kv={block_kv} is not allowed on gpu: it must be a power of two "
+                     f">= 16{note}")
   return int(block_kv)
 
 
 def default_block_kv(s: int, hkv: int, row_bytes: int, platform: str, interpret: bool) -> int:
-  """Largest candidate dividing ``S`` (else the smallest candidate; ``S`` is then padded).
+  """Largest candidate dividing ``S``; if none does, ``S`` is padded to a multiple of the block
+  (a copy of the cache on every call): the largest candidate that pads at most ``S / 8`` slots
+  (large blocks keep the grid short: GPU ``S = 1000`` -> 128, 1024 slots), else the one that
+  pads least, the largest among equals (GPU ``S = 37``: 16 -> 48 slots, not 32 -> 64). Padded
+  slots hold no position, so the blocks made only of them are never visited.
 
   TPU candidates 512..128 (8.. in interpret mode), capped so one K+V block of all kv heads stays
   under 2 MiB of VMEM (it is double-buffered); GPU candidates 128..16."""
@@ -136,8 +147,11 @@ def default_block_kv(s: int, hkv: int, row_bytes: int, platform: str, interpret:
   for c in fit:
     if s % c == 0:
       return c
-  small = [c for c in fit if c <= s]
-  return small[0] if small else fit[-1]
+  pad = lambda c: -(-s // c) * c - s   # noqa: E731
+  small = [c for c in fit if 8 * pad(c) <= s]
+  if small:
+    return max(small)
+  return min(fit, key=lambda c: (pad(c), -c))
 
 
 def default_num_splits(num_blocks: int, batch: int, hkv: int, platform: str) -> int:
@@ -179,6 +193,22 @@ def block_tables(lengths, q_lo, q_hi, kv_pos, num_blocks: int, block_kv: int, nu
   return blocks.reshape(-1, ns, bps), counts.astype(jnp.int32)
 
 
+def _static_scale(scale) -> float:
+  """``scale`` as a Python float; it is a compile-time constant of the kernels."""
+  if isinstance(scale, jax.core.Tracer):
+    raise ValueError("scale must be a static Python float (it is a constant of the decode "
+                     f"kernels), got a traced value {scale!r}: under jit, pass it as a static "
+                     "argument or close over a Python float")
+  if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (numbers.Real, np.ndarray,
+                                                                    jax.Array)) \
+      or np.ndim(scale) != 0:
+    raise ValueError(f"scale must be a static Python float, got {scale!r}")
+  value = float(scale)
+  if not math.isfinite(value):
+    raise ValueError(f"scale must be finite, got {value}")
+  return value
+
+
 def _check_static_int(name, value, minimum):
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -218,9 +248,12 @@ def prepare(q, k, v, lengths, *, scale, q_positions, kv_positions, window_left, 
     raise ValueError(f"lengths must be int32 [B]=[{B}]; got {lengths.dtype}{list(lengths.shape)}")
   if window_left is not None:
     window_left = _check_static_int("window_left", window_left, 0)
-  if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-    raise ValueError(f"softcap must be None or a float > 0, got {softcap!r}")
-  scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+  if softcap is not None and (isinstance(softcap, (bool, np.bool_))
+                              or not isinstance(softcap, numbers.Real)
+                              or not math.isfinite(softcap) or softcap <= 0):
+    raise ValueError(f"softcap must be None or a finite real number > 0 (a static Python "
+                     f"float), got {softcap!r}")
+  scale = 1.0 / math.sqrt(D) if scale is None else _static_scale(scale)
   if not interpret and platform == "gpu":
     # Triton block shapes are powers of two and its dots want >= 16: zero-pad the head dims
     # (zeros leave q.k unchanged; padded value columns are dropped by combine). That copies

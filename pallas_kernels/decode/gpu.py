@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import platform as platform_lib
 from pallas_kernels.decode import common
 
 
@@ -86,6 +87,8 @@ def decode_partials(prep: common.Prepared, *, interpret, count_blocks: bool = Fa
   bps_p = 1 << (bps - 1).bit_length()   # Triton block shapes are powers of two
   blocks = jnp.pad(prep.blocks, ((0, 0), (0, 0), (0, bps_p - bps)))
   counts = prep.counts[..., None]
+  if not interpret:   # compiled: lowering anywhere but on a GPU raises, clearly
+    blocks = platform_lib.require_platform(blocks, "gpu", "the GPU decode kernel")
   in_specs = [
       pl.BlockSpec((None, None, rp, D), lambda b, h, s: (b, h, 0, 0)),
       pl.BlockSpec((None, S, None, D), lambda b, h, s: (b, 0, h, 0)),

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import platform as platform_lib
 from pallas_kernels.decode import common
 
 LANES = 128
@@ -140,6 +141,8 @@ def decode_partials(prep: common.Prepared, *, interpret, count_blocks: bool = Fa
   lo = prep.row_lo[:, : prep.tq * g : g].reshape(-1)
   hi = prep.row_hi[:, : prep.tq * g : g].reshape(-1)
   blocks = prep.blocks.reshape(-1)
+  if interpret is False or interpret is None:   # compiled: lowering off TPU raises, clearly
+    blocks = platform_lib.require_platform(blocks, "tpu", "the TPU decode kernel")
   counts = prep.counts.reshape(-1)
 
   def kv_map(b, s, i, lo, hi, blocks, counts):

@@ -79,7 +79,8 @@ def tables_from_block_map(block_map) -> tuple[BlockTables, BlockTables]:
 def block_map_from_lists(kv_blocks, kv_counts, num_kv_blocks: int) -> jax.Array:
   """Runtime (jnp) inverse of the forward tables: a PARTIAL/EMPTY block map
   ``int8[Bt, Ht, nq, nk]`` from per-row kv-block lists ``[Bt, Ht, nq, K]`` and counts
-  ``[Bt, Ht, nq]``. Duplicate and out-of-count entries are ignored."""
+  ``[Bt, Ht, nq]``. Duplicate and out-of-count entries are ignored; an out-of-range id
+  selects nothing (:func:`tables_from_lists` checks concrete lists)."""
   kv_blocks = jnp.asarray(kv_blocks, jnp.int32)
   kv_counts = jnp.asarray(kv_counts, jnp.int32)
   K = kv_blocks.shape[-1]
@@ -101,6 +102,22 @@ def _rows_to_tables_jnp(bm: jax.Array, K: int) -> BlockTables:
   return BlockTables(blocks, counts, full)
 
 
+def _check_list_ids(kv_blocks, kv_counts, num_kv_blocks: int):
+  """Raise on a listed (in-count) key-block id outside ``[0, num_kv_blocks)``; traced: skip."""
+  try:
+    blocks, counts = np.asarray(kv_blocks), np.asarray(kv_counts)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return
+  listed = np.arange(blocks.shape[-1]) < counts[..., None]
+  bad = listed & ((blocks < 0) | (blocks >= num_kv_blocks))
+  if bad.any():
+    b, h, i, slot = (int(x) for x in np.argwhere(bad)[0])
+    raise ValueError(
+        f"kv_blocks[{b}, {h}, {i}, {slot}] = {int(blocks[b, h, i, slot])} (example {b}, head "
+        f"{h}, query block {i}, slot {slot}) is not a key block id: ids must lie in "
+        f"[0, num_kv_blocks={num_kv_blocks}); {int(bad.sum())} listed id(s) are out of range")
+
+
 def tables_from_lists(kv_blocks, kv_counts, num_kv_blocks: int) -> tuple[BlockTables,
                                                                            BlockTables]:
   """Runtime block sparsity: normalized ``(forward/dq, dkv)`` tables from user lists.
@@ -109,6 +126,12 @@ def tables_from_lists(kv_blocks, kv_counts, num_kv_blocks: int) -> tuple[BlockTa
   (any order, duplicates allowed; entries at or past ``kv_counts`` are ignored); every visited
   block is treated as PARTIAL (the mask is still evaluated). Works under ``jit``: the dense
   ``[nq, nk]`` map per (example, head) is tiny compared with the attention itself.
+
+  Every listed id (before ``kv_counts``) must lie in ``[0, num_kv_blocks)``. Concrete lists
+  (numpy, or jnp outside ``jit``) are checked: an id out of range raises ``ValueError`` naming
+  the row ``(b, h, query block)``, the slot and the id (an off-by-one in a top-k / NSA selection
+  would otherwise lose blocks silently). Traced lists cannot be checked; an out-of-range id
+  there selects no block (it is dropped).
   """
   kv_blocks = jnp.asarray(kv_blocks)
   if kv_blocks.ndim != 4:
@@ -117,6 +140,7 @@ def tables_from_lists(kv_blocks, kv_counts, num_kv_blocks: int) -> tuple[BlockTa
   if kv_counts.shape != kv_blocks.shape[:3]:
     raise ValueError(f"kv_counts must have shape {kv_blocks.shape[:3]} (kv_blocks' leading "
                      f"dims), got {kv_counts.shape}")
+  _check_list_ids(kv_blocks, kv_counts, num_kv_blocks)
   bm = block_map_from_lists(kv_blocks, kv_counts, num_kv_blocks)
   nq = bm.shape[-2]
   fwd = _rows_to_tables_jnp(bm, min(kv_blocks.shape[-1], num_kv_blocks))

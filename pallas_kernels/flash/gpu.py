@@ -64,6 +64,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import platform as platform_lib
 from pallas_kernels.flash.common import BlockTables
 
 __all__ = ["flash_attention", "flash_attention_fwd", "flash_attention_bwd"]
@@ -191,6 +192,9 @@ def _split_refs(refs, names, n_params):
 def _call(kernel, c: _Static, grid, inputs, params, outputs, name, **kernel_kw):
   """``inputs``/``outputs``: lists of ``(name or ShapeDtypeStruct, array, BlockSpec)``; score
   params go last as whole-array blocks (they are cut to tiles inside the kernel)."""
+  if not c.interpret:   # compiled: lowering anywhere but on a GPU raises, clearly
+    (n0, a0, sp0), *rest = inputs
+    inputs = [(n0, platform_lib.require_platform(a0, "gpu", "the GPU flash kernel"), sp0)] + rest
   names = tuple(n for n, _, _ in inputs)
   kernel = functools.partial(kernel, c=c, names=names, n_params=len(params), **kernel_kw)
   return pl.pallas_call(
@@ -515,6 +519,8 @@ def _setup(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, scale, mas
   """Validate the arguments; return the static config and the non-differentiated arrays."""
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
+  elif not isinstance(interpret, (bool, np.bool_)):
+    raise ValueError(f"interpret must be None, True or False, got {interpret!r}")
   interpret = bool(interpret)
   if layout not in ("bhtd", "bthd"):
     raise ValueError(f"layout must be 'bhtd' ([B, H, T, D]) or 'bthd' ([B, T, H, D]), "
@@ -538,9 +544,11 @@ def _setup(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, scale, mas
     raise ValueError(f"number of query heads Hq={Hq} must be a multiple of kv heads Hkv={Hkv}")
   min_block = 8 if interpret else 16
   for name, blk, t in (("block_q", block_q, Tq), ("block_kv", block_kv, Tk)):
-    if not isinstance(blk, (int, np.integer)) or not _pow2(blk) or blk < min_block:
+    if (isinstance(blk, (bool, np.bool_)) or not isinstance(blk, (int, np.integer))
+        or not _pow2(blk) or blk < min_block):
       raise ValueError(f"{name} must be a power of two >= {min_block} "
-                       f"({'interpret mode' if interpret else 'tl.dot on GPU'}), got {blk}")
+                       f"({'interpret mode' if interpret else 'tl.dot on GPU'}), got {blk!r}"
+                       + platform_lib.host_note("gpu", not interpret))
     if t % blk:
       raise ValueError(f"{name}={blk} must divide the sequence length {t} (the caller pads)")
   kv_len = int(kv_len)
@@ -641,7 +649,9 @@ def _flash_bwd_rule(c, res, g):
   dq, dk, dv = _bwd_impl(c, q, k, v, lse, do, delta, aux)[:3]
   dsinks = None
   if sinks is not None:
-    p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse)
+    # lse = -inf (a row with no key and a -inf sink): p_sink = 0, not exp(-inf + inf) = NaN.
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+    p_sink = jnp.exp(sinks.astype(jnp.float32)[None, :, None] - lse_safe)
     dsinks = (-jnp.sum(p_sink * delta, axis=(0, 2))).astype(sinks.dtype)
   aux_ct = jax.tree_util.tree_map(lambda _: None, aux)
   return dq, dk, dv, dsinks, aux_ct
@@ -674,7 +684,8 @@ def flash_attention(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, s
   ``score_param_specs`` (``common.ParamSpec``); ``q_segment_ids [B, Tq]``,
   ``kv_segment_ids [B, Tk]``; ``sinks [Hq]``; ``block_q``/``block_kv``: powers of two dividing
   Tq/Tk; ``num_warps``/``num_stages``: Triton compiler params; ``interpret``: None means True
-  unless the default backend is GPU; ``layout``: "bhtd" (q, k, v, out head-major) or "bthd"
+  unless the default backend is GPU, else a bool (False compiles: lowering for another platform
+  raises a ValueError naming ``interpret``); ``layout``: "bhtd" (q, k, v, out head-major) or "bthd"
   (``[B, T, H, D]``, read in place).
   """
   c, aux = _setup(q, k, v, **_kwargs(locals()))

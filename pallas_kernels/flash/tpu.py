@@ -45,20 +45,26 @@ Gradients: :func:`flash_attention` is a ``custom_vjp`` over ``(q, k, v, sinks)``
 through ``stop_gradient``: gradients into them are the caller's job (the attnjax adapter computes
 them separately, e.g. with :func:`flash_attention_fwd`/:func:`flash_attention_bwd`).
 
-Block sizes must be multiples of 128 on TPU; in interpret mode (CPU tests) multiples of 8 are
-accepted so tests stay small. ``scale`` must be a Python float. ``interpret``: None = the TPU
-interpreter (``pltpu.InterpretParams()``, which NaN-fills uninitialized memory) off TPU and Mosaic
-on TPU; True = Pallas' generic interpreter (fast; most CPU tests); or an ``InterpretParams``.
-All three tables are held in SMEM for the whole call (``3 * Bt * Ht * n_rows * K`` int32 words):
-very large per-example/per-head runtime tables must be split by the caller.
+Block sizes (``block_q`` and ``block_kv``; Python or numpy ints) must be multiples of 128 when
+compiled (the LSE and key positions travel lane-dense as ``[1, block]`` rows, q/k/v tiles are
+(8, 128)-tiled); in interpret mode multiples of 8 are accepted so tests stay small. q/k/v are
+float32 or bfloat16 (anything else raises, interpreted or not). ``scale`` must be a Python
+float. ``interpret``: None = the TPU interpreter (``pltpu.InterpretParams()``, which NaN-fills
+uninitialized memory) off TPU and Mosaic on TPU; True = Pallas' generic interpreter (fast; most
+CPU tests); False = Mosaic (lowering for another platform raises a ``ValueError`` naming
+``interpret``; cross-lowering for TPU with ``jax.export`` works); or an ``InterpretParams``;
+anything else raises. The tables of a call are held in SMEM for the whole call
+(``Bt * Ht * n_rows * (2K + 1)`` int32 words): a call whose tables exceed
+:data:`.smem.SMEM_TABLE_BUDGET` is split into several pallas_calls (see :mod:`.smem`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 import types
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,9 +73,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import platform as platform_lib
+from pallas_kernels.flash import smem
 from pallas_kernels.flash.common import BlockTables, ParamSpec
 
 _LANES = 128
+_DTYPES = (jnp.float32, jnp.bfloat16)
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _F32 = jnp.float32
 _NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -101,6 +110,8 @@ class _Cfg:
   dkv_geom: tuple   # (Bt, Ht, K) of the dkv tables
   interpret: Any    # None (Mosaic), True (generic interpreter) or a pltpu.InterpretParams
   debug_counts: bool = False
+  smem_budget: int = 0   # bytes of scalar-prefetched tables one pallas_call may hold
+  part: Any = None       # the smem.Part of one pallas_call (set by _call)
 
   G = property(lambda self: self.Hq // self.Hkv)
   nq = property(lambda self: self.Tq // self.bq)
@@ -113,12 +124,27 @@ def _resolve_interpret(interpret):
   """None -> ``pltpu.InterpretParams()`` (the TPU interpreter: models SMEM/VMEM, DMAs and fills
   uninitialized memory with NaN) unless running on TPU; True -> Pallas' generic interpreter
   (much faster on CPU; used by most tests); False -> compile with Mosaic; an ``InterpretParams``
-  is passed through."""
+  is passed through. Anything else raises (a truthy string is not an interpreter)."""
   if interpret is None:
     return pltpu.InterpretParams() if jax.default_backend() != "tpu" else None
-  if interpret is False:
-    return None
-  return interpret
+  if isinstance(interpret, (bool, np.bool_)):
+    return True if interpret else None
+  if isinstance(interpret, pltpu.InterpretParams):
+    return interpret
+  raise ValueError(f"interpret must be None, True, False or a pltpu.InterpretParams, got "
+                   f"{interpret!r}")
+
+
+def _check_block(name, bs, lane, compiled):
+  """A block size: a (numpy) int, positive multiple of ``lane`` (128 compiled, 8 interpreted:
+  q/k/v tiles are (8, 128)-tiled and the LSE and key positions travel lane-dense as
+  ``[1, block]`` rows, so both block_q and block_kv are lane multiples on a TPU)."""
+  if isinstance(bs, (bool, np.bool_)) or not isinstance(bs, numbers.Integral) or bs <= 0 \
+      or bs % lane:
+    why = "TPU lane width, compiled" if compiled else "interpret mode"
+    raise ValueError(f"{name} must be a positive multiple of {lane} ({why}), got {bs!r}"
+                     + platform_lib.host_note("tpu", compiled))
+  return int(bs)
 
 
 def _prep_tables(t, name, B, Hq, n_rows, n_cols):
@@ -138,8 +164,7 @@ def _prep_tables(t, name, B, Hq, n_rows, n_cols):
   if isinstance(blocks, np.ndarray) and (blocks.min() < 0 or blocks.max() >= n_cols):
     raise ValueError(f"{name}.blocks entries must lie in [0, {n_cols}), got range "
                      f"[{blocks.min()}, {blocks.max()}]")
-  flat = tuple(jnp.asarray(a, jnp.int32).reshape(-1) for a in (blocks, counts, full))
-  return flat, (Bt, Ht, K)
+  return (blocks, counts, full), (Bt, Ht, K)
 
 
 def _prep_param(x, spec, i, B, Hq, Tq, Tk, bq, bk, lane):
@@ -206,11 +231,14 @@ def _prepare(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, scale, m
     raise ValueError(f"number of query heads {Hq} must be a multiple of kv heads {Hkv} (Hq % Hkv)")
   if not (q.dtype == k.dtype == v.dtype):
     raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if q.dtype not in _DTYPES:
+    raise ValueError(f"q, k, v dtype {q.dtype} is not supported by the TPU flash kernel; "
+                     "allowed: float32, bfloat16 (float16 and integer types are rejected, "
+                     "interpreted or not, so CPU tests reflect the TPU)")
   lane = _LANES if interp is None else 8
+  block_q = _check_block("block_q", block_q, lane, interp is None)
+  block_kv = _check_block("block_kv", block_kv, lane, interp is None)
   for name, bs, T in (("block_q", block_q, Tq), ("block_kv", block_kv, Tk)):
-    if not isinstance(bs, int) or bs <= 0 or bs % lane:
-      raise ValueError(f"{name} must be a positive multiple of {lane} "
-                       f"({'TPU lane width' if interp is None else 'interpret mode'}), got {bs}")
     if T % bs:
       raise ValueError(f"{name}={bs} must divide the sequence length {T} (pad the inputs)")
   if not isinstance(kv_len, (int, np.integer)) or not 0 <= kv_len <= Tk:
@@ -250,30 +278,33 @@ def _prepare(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, scale, m
     pmeta.append(meta)
   cfg = _Cfg(B, Hq, Hkv, Tq, Tk, D, Dv, block_q, block_kv, int(kv_len), float(scale), mask_fn,
              score_fn, tuple(pmeta), has_seg, sinks is not None, Bp, fwd_geom, dkv_geom, interp,
-             debug_counts)
+             debug_counts, smem.budget(interp is None))
   return cfg, (fwd, dkv, tuple(side), tuple(params))
 
 
 # --------------------------------------------------------------------------------- grid context
 def _ctx(cfg, idx, tables, dkv):
-  """Scalars of one grid step. Forward/dQ grid: (b, hkv, g, i, slot); dKV: (b, hkv, j, g, slot)."""
+  """Scalars of one grid step. Forward/dQ grid: (b, hkv, g, i, slot); dKV: (b, hkv, j, g, slot),
+  local to the call's smem.Part. ``b, h, hkv, r, qi, kj`` are global (inputs, mask_fn, score_fn);
+  ``bl, hl, hkvl, rl`` are the call's own (its outputs and table rows)."""
+  part = cfg.part
   if dkv:
-    b, hkv, j, g, s = idx
-    (Bt, Ht, K), n_rows = cfg.dkv_geom, cfg.nk
-    r = j
+    bl, hkvl, rl, g, s = idx
   else:
-    b, hkv, g, i, s = idx
-    (Bt, Ht, K), n_rows = cfg.fwd_geom, cfg.nq
-    r = i
+    bl, hkvl, g, rl, s = idx
+  K = (cfg.dkv_geom if dkv else cfg.fwd_geom)[2]
   blocks, counts, full = tables
+  hl = hkvl * cfg.G + g
+  row = ((bl if part.Bt > 1 else 0) * part.Ht + (hl if part.Ht > 1 else 0)) * part.nr + rl
+  b, hkv, r = bl + part.b0, hkvl + part.h0, rl + part.r0
   h = hkv * cfg.G + g
-  row = ((b if Bt > 1 else 0) * Ht + (h if Ht > 1 else 0)) * n_rows + r
   cnt = counts[row]
   at = row * K + jnp.minimum(s, jnp.maximum(cnt - 1, 0))  # clamp: padded slots repeat the last
   col = blocks[at]
   qi, kj = (col, r) if dkv else (r, col)
   return types.SimpleNamespace(b=b, h=h, hkv=hkv, g=g, r=r, s=s, K=K, cnt=cnt, full=full[at],
-                               qi=qi, kj=kj, bp=b if cfg.Bp > 1 else 0)
+                               qi=qi, kj=kj, bp=b if cfg.Bp > 1 else 0, bl=bl, hl=hl,
+                               hkvl=hkvl, rl=rl)
 
 
 def _spec(cfg, dkv, block, fn):
@@ -419,8 +450,12 @@ def _fwd_kernel(cfg, *args):
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
     if cfg.has_sinks:
       sink = r.sinks[c.h]
+      # log(exp(lse) + exp(sink)) with no inf - inf: both -inf (an empty row and a -inf
+      # sink, i.e. no sink for this head) stays -inf.
       mx = jnp.maximum(lse, sink)
-      lse = mx + jnp.log(jnp.exp(lse - mx) + jnp.exp(sink - mx))
+      mx_safe = jnp.where(mx == -jnp.inf, 0.0, mx)
+      tot = jnp.exp(lse - mx_safe) + jnp.exp(sink - mx_safe)
+      lse = jnp.where(tot > 0, mx_safe + jnp.log(jnp.where(tot > 0, tot, 1.0)), -jnp.inf)
     o_scale = jnp.where(seen, jnp.exp(jnp.where(seen, m - lse, 0.0)), 0.0)
     r.o[...] = (acc_scr[...] * o_scale).astype(r.o.dtype)
     r.lse[...] = _to_row(lse)
@@ -432,25 +467,48 @@ def _sem(dkv):
       dimension_semantics=(par, par, par, arb, arb) if dkv else (par, par, par, par, arb))
 
 
-def _call(cfg, kernel, dkv, in_specs, out_specs, out_shape, scratch, tables, inputs):
-  Bt, Ht, K = cfg.dkv_geom if dkv else cfg.fwd_geom
-  grid = (cfg.B, cfg.Hkv, cfg.nk, cfg.G, K) if dkv else (cfg.B, cfg.Hkv, cfg.G, cfg.nq, K)
+class _Out(NamedTuple):
+  """A kernel output ``[B, H (q or kv heads), ...]``: its block, index map on the call's local
+  indices, dtype, global shape and row axis (``row_unit`` elements per table row)."""
+  block: tuple; fn: Callable; dtype: Any; shape: tuple; row_axis: int; row_unit: int  # noqa
+  kv_heads: bool = False
+
+
+def _call(cfg, kernel, dkv, extra, outs, scratch, tables, inputs):
+  """Run ``kernel`` over the grid, one pallas_call per :func:`.smem.plan` part; returns the
+  outputs (whole)."""
+  K = (cfg.dkv_geom if dkv else cfg.fwd_geom)[2]
   n_rows = cfg.nk if dkv else cfg.nq
+  outs = list(outs)
   if cfg.debug_counts:
-    out_specs = list(out_specs) + [_spec(cfg, dkv, (None, None, None, 1, _LANES),
-                                         lambda c: (c.b, c.h, c.r, 0, 0))]
-    out_shape = list(out_shape) + [jax.ShapeDtypeStruct((cfg.B, cfg.Hq, n_rows, 1, _LANES),
-                                                        jnp.int32)]
-  return pl.pallas_call(
-      functools.partial(kernel, cfg),
-      out_shape=tuple(out_shape),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=3, grid=grid, in_specs=in_specs, out_specs=list(out_specs),
-          scratch_shapes=scratch),
-      compiler_params=_sem(dkv),
-      interpret=False if cfg.interpret is None else cfg.interpret,
-      name="flash_bwd_dkv" if dkv else kernel.__name__.strip("_"),
-  )(*tables, *inputs)
+    outs.append(_Out((None, None, None, 1, _LANES), lambda c: (c.bl, c.hl, c.rl, 0, 0),
+                     jnp.int32, (cfg.B, cfg.Hq, n_rows, 1, _LANES), 2, 1))
+  results = {}
+  parts = smem.plan(cfg.dkv_geom if dkv else cfg.fwd_geom, cfg.B, cfg.Hkv, cfg.G, n_rows,
+                    cfg.smem_budget)
+  for part in parts:
+    pc = dataclasses.replace(cfg, part=part)
+    grid = (part.nb, part.nh, part.nr, cfg.G, K) if dkv else (part.nb, part.nh, cfg.G, part.nr, K)
+    shapes = []
+    for o in outs:
+      shp = list(o.shape)
+      shp[0], shp[1] = part.nb, part.nh if o.kv_heads else part.nh * cfg.G
+      shp[o.row_axis] = part.nr * o.row_unit
+      shapes.append(jax.ShapeDtypeStruct(tuple(shp), o.dtype))
+    tabs = smem.part_tables(tables, part, cfg.G)
+    if cfg.interpret is None:   # compiled: lowering anywhere but on a TPU raises, clearly
+      tabs = (platform_lib.require_platform(tabs[0], "tpu", "the TPU flash kernel"),) + tabs[1:]
+    results[part[0], part[2], part[4]] = pl.pallas_call(
+        functools.partial(kernel, pc),
+        out_shape=tuple(shapes),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3, grid=grid, in_specs=_in_specs(pc, dkv, extra),
+            out_specs=[_spec(pc, dkv, o.block, o.fn) for o in outs], scratch_shapes=scratch),
+        compiler_params=_sem(dkv),
+        interpret=False if cfg.interpret is None else cfg.interpret,
+        name="flash_bwd_dkv" if dkv else kernel.__name__.strip("_"),
+    )(*tabs, *inputs)
+  return smem.concat(results, [o.row_axis for o in outs])
 
 
 def _row_spec(cfg):
@@ -463,14 +521,13 @@ def _forward(cfg, arrays, q, k, v, sinks):
   if cfg.has_sinks:
     extra.append((None, None))
     inputs.append(jnp.asarray(sinks, _F32))
-  out_specs = [_spec(cfg, False, (None, None, cfg.bq, cfg.Dv), lambda c: (c.b, c.h, c.qi, 0)),
-               _spec(cfg, False, *_row_spec(cfg))]
-  out_shape = [jax.ShapeDtypeStruct((cfg.B, cfg.Hq, cfg.Tq, cfg.Dv), q.dtype),
-               jax.ShapeDtypeStruct((cfg.B, cfg.Hq, 1, cfg.Tq), _F32)]
+  outs = [_Out((None, None, cfg.bq, cfg.Dv), lambda c: (c.bl, c.hl, c.rl, 0), q.dtype,
+               (cfg.B, cfg.Hq, cfg.Tq, cfg.Dv), 2, cfg.bq),
+          _Out((None, None, 1, cfg.bq), lambda c: (c.bl, c.hl, 0, c.rl), _F32,
+               (cfg.B, cfg.Hq, 1, cfg.Tq), 3, cfg.bq)]
   scratch = [pltpu.VMEM((cfg.bq, _LANES), _F32), pltpu.VMEM((cfg.bq, _LANES), _F32),
              pltpu.VMEM((cfg.bq, cfg.Dv), _F32)]
-  res = _call(cfg, _fwd_kernel, False, _in_specs(cfg, False, extra), out_specs, out_shape,
-              scratch, fwd, inputs)
+  res = _call(cfg, _fwd_kernel, False, extra, outs, scratch, fwd, inputs)
   out, lse = res[0], res[1].reshape(cfg.B, cfg.Hq, cfg.Tq)
   return (out, lse) + ((res[2][..., 0, 0],) if cfg.debug_counts else ())
 
@@ -543,14 +600,13 @@ def _backward(cfg, arrays, q, k, v, lse, do, delta):
   extra = [((None, None, cfg.bq, cfg.Dv), lambda c: (c.b, c.h, c.qi, 0)), _row_spec(cfg),
            _row_spec(cfg)]
 
-  res_q = _call(cfg, _dq_kernel, False, _in_specs(cfg, False, extra),
-                [_spec(cfg, False, (None, None, cfg.bq, cfg.D), lambda c: (c.b, c.h, c.qi, 0))],
-                [jax.ShapeDtypeStruct(q.shape, q.dtype)],
+  res_q = _call(cfg, _dq_kernel, False, extra,
+                [_Out((None, None, cfg.bq, cfg.D), lambda c: (c.bl, c.hl, c.rl, 0), q.dtype,
+                      q.shape, 2, cfg.bq)],
                 [pltpu.VMEM((cfg.bq, cfg.D), _F32)], fwd, inputs)
-  res_kv = _call(cfg, _dkv_kernel, True, _in_specs(cfg, True, extra),
-                 [_spec(cfg, True, (None, None, cfg.bk, cfg.D), lambda c: (c.b, c.hkv, c.kj, 0)),
-                  _spec(cfg, True, (None, None, cfg.bk, cfg.Dv), lambda c: (c.b, c.hkv, c.kj, 0))],
-                 [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+  kv_out = lambda d, x: _Out((None, None, cfg.bk, d), lambda c: (c.bl, c.hkvl, c.rl, 0),
+                             x.dtype, x.shape, 2, cfg.bk, kv_heads=True)
+  res_kv = _call(cfg, _dkv_kernel, True, extra, [kv_out(cfg.D, k), kv_out(cfg.Dv, v)],
                  [pltpu.VMEM((cfg.bk, cfg.D), _F32), pltpu.VMEM((cfg.bk, cfg.Dv), _F32)],
                  dkv, inputs)
   grads = (res_q[0], res_kv[0], res_kv[1])
@@ -610,7 +666,10 @@ def _attention_bwd(cfg, res, cts):
   dq, dk, dv = _backward(cfg, arrays, q, k, v, lse, do, delta)
   dsinks = None
   if sinks is not None:
-    p_sink = jnp.exp(jnp.asarray(sinks, _F32)[None, :, None] - lse)  # lse >= sink: finite
+    # lse >= sink where lse is finite; a row with lse = -inf (no key and a -inf sink) has
+    # p_sink = 0 (exp(-inf - inf)), not exp(-inf + inf) = NaN.
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+    p_sink = jnp.exp(jnp.asarray(sinks, _F32)[None, :, None] - lse_safe)
     dsinks = (-jnp.sum(p_sink * delta, axis=(0, 2))).astype(jnp.asarray(sinks).dtype)
   return dq, dk, dv, dsinks, None
 
@@ -626,8 +685,8 @@ def flash_attention(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, s
   for the exact semantics.
 
   Args:
-    q, k, v: ``[B, Hq, Tq, D]``, ``[B, Hkv, Tk, D]``, ``[B, Hkv, Tk, Dv]`` (same dtype, f32 or
-      bf16; ``Hq % Hkv == 0``; block sizes must divide ``Tq`` / ``Tk``).
+    q, k, v: ``[B, Hq, Tq, D]``, ``[B, Hkv, Tk, D]``, ``[B, Hkv, Tk, Dv]`` (same dtype, float32
+      or bfloat16, else ValueError; ``Hq % Hkv == 0``; block sizes must divide ``Tq`` / ``Tk``).
     fwd_tables, dkv_tables: :class:`~.common.BlockTables` at ``(block_q, block_kv)``: rows = query
       blocks (forward, dQ) and key blocks (dK/dV). numpy (static) or jnp (runtime) arrays.
     q_pos, kv_pos: int32 ``[Bp, Tq]`` / ``[Bp, Tk]``, ``Bp`` in ``{1, B}``: positions given to
@@ -639,8 +698,10 @@ def flash_attention(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, s
     score_params, score_param_specs: arrays and their :class:`~.common.ParamSpec`; not
       differentiated here (``stop_gradient``): the caller computes their gradients.
     q_segment_ids, kv_segment_ids: int32 ``[B, Tq]`` / ``[B, Tk]`` or None.
-    sinks: ``[Hq]`` sink logits or None (differentiable).
-    interpret: None (interpret unless on TPU), bool, or a ``pltpu.InterpretParams``.
+    sinks: ``[Hq]`` sink logits or None (differentiable); ``-inf`` switches a head's sink off
+      (a row that then sees nothing gets ``lse = -inf``, output 0 and zero gradients).
+    block_q, block_kv: multiples of 128 compiled, of 8 interpreted (ints or numpy ints).
+    interpret: None (interpret unless on TPU), True/False, or a ``pltpu.InterpretParams``.
 
   Returns:
     ``(out [B, Hq, Tq, Dv] in q.dtype, lse [B, Hq, Tq] float32)``; differentiable w.r.t.
