@@ -15,6 +15,8 @@ build it and run one step on digits).
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from attnjax.training.loop import attention_kwargs_config
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -25,6 +27,8 @@ def get_config():
   c.data = ml_collections.ConfigDict()
   c.data.name = "tfds:cifar10"
   c.data.data_dir = placeholder(str)
+  c.data.eval_split = placeholder(str)   # the split used for eval (default "test")
+  c.data.max_examples = placeholder(int)  # keep only the first N examples of each split
 
   c.model = ml_collections.ConfigDict()
   c.model.kind = "vit"
@@ -37,6 +41,9 @@ def get_config():
   c.model.num_heads = 6
   c.model.mlp_dim = 1536
   c.model.attention = "global"
+  # Constructor arguments of the attention layer, None = unset (the layer's default), e.g.
+  # --config.model.attention=neighborhood --config.model.attention_kwargs.kernel_size=3.
+  c.model.attention_kwargs = attention_kwargs_config("vit")
   c.model.pool = "cls"
   c.model.dtype = "bfloat16"
 

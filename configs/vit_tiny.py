@@ -10,6 +10,8 @@ quiet moment (load ~3), ~3 min at load ~10."""
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from attnjax.training.loop import attention_kwargs_config
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -18,7 +20,10 @@ def get_config():
   c.distributed = "auto"        # jax.distributed: "auto" | "on" | "off" (experiments/train.py)
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "digits"
+  c.data.name = "digits"         # or fashion_mnist_idx, tfds:mnist, tfds:cifar10, ...
+  c.data.data_dir = placeholder(str)     # fashion_mnist_idx / tfds:*: where the files are
+  c.data.eval_split = placeholder(str)   # tfds:*: the split used for eval (default "test")
+  c.data.max_examples = placeholder(int)  # keep only the first N examples of each split
 
   c.model = ml_collections.ConfigDict()
   c.model.kind = "vit"
@@ -31,6 +36,9 @@ def get_config():
   c.model.num_heads = 4
   c.model.mlp_dim = 128
   c.model.attention = "global"
+  # Constructor arguments of the attention layer, None = unset (the layer's default), e.g.
+  # --config.model.attention=neighborhood --config.model.attention_kwargs.kernel_size=3.
+  c.model.attention_kwargs = attention_kwargs_config("vit")
   c.model.pool = "cls"
   c.model.dtype = "float32"
 

@@ -11,8 +11,10 @@ measures, for every attnjax backend in ``--impl`` and every peer in ``--peers``:
   ``torch.autograd.grad``. By default the timed calls are **interleaved**: every case of one
   sequence length (all masks, impls and passes) is compiled and warmed up first, then timed in
   ``--repeats`` rounds of one call each, so a slow spell of a shared machine hits all of them
-  alike. Ratios of two timings are then also reported **paired**: the median over rounds of
-  the per-round ratio, with its range (the targets table uses these). ``--no-interleave`` times
+  alike (cases compiled on first use, torch.compile'd flex, get one more untimed call right
+  before the rounds; a compilation during the timed calls would be noted on the row). Ratios
+  of two timings are then also reported **paired**: the median over rounds of the per-round
+  ratio, with its range (the targets table uses these). ``--no-interleave`` times
   each case's calls back to back instead.
 * compiled temp memory (JAX only): ``jax.jit(f).lower(...).compile().memory_analysis()
   .temp_size_in_bytes`` of the forward and of the forward+backward executable.
@@ -105,12 +107,33 @@ from attnjax.backends.chunked import ChunkedBackend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_peers_hw as hw  # noqa: E402
+from bench_common import (cores as _cores, cpu_model as _cpu_model, float_at_least,  # noqa: E402
+                          int_at_least, nonnegative_int, positive_int)
 
 MIB = 1024.0 * 1024.0
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [1024]
 ALL_MASKS = ["causal", "sliding", "neighborhood"]
 ALL_PEERS = ["jax_nn", "tokamax", "torch_sdpa", "torch_flex", "jax_nn_cudnn", "splash"]
+
+
+def peer_label(peer: str, args) -> str:
+  """The impl label (table rows, ``--ratio-base``) of a ``--peers`` entry."""
+  if peer == "torch_flex":
+    return "torch_flex(compiled)" if args.flex_compile == "on" else "torch_flex(eager)"
+  return {"jax_nn": "jax.nn(xla)", "tokamax": "tokamax(xla_chunked)",
+          "jax_nn_cudnn": "jax.nn(cudnn)"}.get(peer, peer)
+
+
+def impl_labels(args) -> list[str]:
+  """The impl labels of a run's rows, in table order (``--impl`` then ``--peers``)."""
+  out = []
+  for spec in args.impl:
+    if spec == "chunked" or spec.startswith("chunked:"):
+      out.append(_chunked_backend(spec, args)[1])
+    else:
+      out.append(spec)
+  return out + [peer_label(p, args) for p in args.peers]
 
 
 # ------------------------------------------------------------------------------------ options
@@ -122,7 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--quick", action="store_true",
                   help=f"small smoke run: lengths {QUICK_LENGTHS}, 3 repeats, flex eager "
                   "(explicit flags still win)")
-  ap.add_argument("--lengths", type=int, nargs="+", default=None,
+  ap.add_argument("--lengths", type=positive_int, nargs="+", default=None,
                   help=f"sequence lengths (default {DEFAULT_LENGTHS}; with --quick "
                   f"{QUICK_LENGTHS})")
   ap.add_argument("--masks", nargs="+", choices=ALL_MASKS, default=ALL_MASKS)
@@ -133,55 +156,60 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--allow-interpret", action="store_true",
                   help="let pallas_gpu/pallas_tpu run in interpret mode off their hardware "
                   "(tiny sizes, path checks only: the timings are not performance)")
-  ap.add_argument("--block-q", type=int, default=None,
+  ap.add_argument("--block-q", type=positive_int, default=None,
                   help="block_q of plain 'chunked' (default: the backend's automatic choice)")
-  ap.add_argument("--block-kv", type=int, default=None,
+  ap.add_argument("--block-kv", type=positive_int, default=None,
                   help="block_kv of plain 'chunked' (default: the backend's automatic choice)")
   ap.add_argument("--peers", nargs="*", default=ALL_PEERS, choices=ALL_PEERS,
                   help="peers to measure when importable (default: all); '--peers' alone: none")
   ap.add_argument("--ratio-base", default=None,
-                  help="impl label the ratio columns divide by (default: first chunked impl)")
-  ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--heads", type=int, default=8)
-  ap.add_argument("--head-dim", type=int, default=64)
+                  help="impl label the ratio columns divide by, one of the run's row labels "
+                  "(an --impl entry or a peer's label such as 'jax.nn(xla)'; default: the "
+                  "first chunked impl)")
+  ap.add_argument("--batch", type=positive_int, default=1)
+  ap.add_argument("--heads", type=positive_int, default=8)
+  ap.add_argument("--head-dim", type=positive_int, default=64)
   ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-  ap.add_argument("--window", type=int, default=511,
+  ap.add_argument("--window", type=nonnegative_int, default=511,
                   help="sliding window left size: masks.sliding_window(W, 0), keys i-W..i")
-  ap.add_argument("--nb-kernel", type=int, default=13, help="neighborhood kernel per axis")
+  ap.add_argument("--nb-kernel", type=positive_int, default=13,
+                  help="neighborhood kernel per axis")
   ap.add_argument("--nb-grid", choices=["square", "exact"], default="square",
                   help="square: s x s grid with s = isqrt(T) (T becomes s*s); exact: keep T, "
                   "most nearly square grid")
-  ap.add_argument("--repeats", type=int, default=None, help="timed calls (median); default 5, "
-                  "3 with --quick")
+  ap.add_argument("--repeats", type=positive_int, default=None,
+                  help="timed calls (median); default 5, 3 with --quick")
   ap.add_argument("--no-interleave", dest="interleave", action="store_false",
                   help="time each case's calls back to back (default: interleaved rounds over "
                   "all cases of one T, see the module docstring)")
-  ap.add_argument("--calls-per-sample", type=int, default=None,
+  ap.add_argument("--calls-per-sample", type=positive_int, default=None,
                   help="JAX calls dispatched back to back per timed sample, synchronized once "
                   "(time = sample / calls). Default 1 on CPU, 10 on GPU/TPU, where a per-call "
                   "synchronization would add tens of microseconds to sub-millisecond kernels")
-  ap.add_argument("--warmup", type=int, default=1,
+  ap.add_argument("--warmup", type=nonnegative_int, default=1,
                   help="untimed calls before timing (at least 1 is always made: its output is "
                   "the one checked)")
-  ap.add_argument("--max-seconds-per-case", type=float, default=120.0,
+  ap.add_argument("--max-seconds-per-case", type=float_at_least(0.0, strict=True),
+                  default=120.0,
                   help="a case (compile + calls) that took longer than this at some T is "
                   "skipped at larger T ('skipped (slow)'); repeats are also cut so one case "
                   "stays near this budget")
-  ap.add_argument("--max-memory-gib", type=float, default=None,
+  ap.add_argument("--max-memory-gib", type=float_at_least(0.0), default=None,
                   help="do not run a case whose estimated memory exceeds this (JAX: compiled "
                   "temp + output; torch: estimate); default 70%% of MemAvailable. 0 gives a "
                   "compile-only run: JAX temp memory for every case, nothing executed")
-  ap.add_argument("--ref-max-t", type=int, default=2048,
+  ap.add_argument("--ref-max-t", type=nonnegative_int, default=2048,
                   help="compare against the attnjax reference backend up to this T (else "
                   "against the first attnjax impl); 0 disables the reference")
   ap.add_argument("--no-backward", action="store_true", help="forward only")
   ap.add_argument("--flex-compile", choices=["auto", "on", "off"], default="auto",
                   help="torch.compile flex_attention (auto: on unless --quick)")
-  ap.add_argument("--threads", type=int, default=None,
+  ap.add_argument("--threads", type=positive_int, default=None,
                   help="torch threads (default: the cores XLA uses = process CPU affinity)")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--target-t", type=int, default=8192, help="T of the issue's time targets")
-  ap.add_argument("--target-mem-t", type=int, default=16384,
+  ap.add_argument("--target-t", type=positive_int, default=8192,
+                  help="T of the issue's time targets")
+  ap.add_argument("--target-mem-t", type=positive_int, default=16384,
                   help="T of the issue's memory targets")
   ap.add_argument("--out-md", default=None, help="write the markdown report here")
   ap.add_argument("--out-csv", default=None, help="write the CSV here")
@@ -204,17 +232,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   refusal = hw.interpret_refusal(args.impl, args.allow_interpret)
   if refusal:
     ap.error(refusal)
+  if args.ratio_base is not None:
+    labels = impl_labels(args)
+    if args.ratio_base not in labels:
+      ap.error(f"--ratio-base {args.ratio_base!r} is not a row of this run; allowed values "
+               f"(--impl and --peers labels): {', '.join(repr(x) for x in labels)}")
   return args
 
 
 # ----------------------------------------------------------------------------- machine facts
-def _cores() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:
-    return os.cpu_count() or 1
-
-
 def _meminfo_kib(field: str) -> float:
   try:
     with open("/proc/meminfo") as f:
@@ -224,23 +250,6 @@ def _meminfo_kib(field: str) -> float:
   except OSError:
     pass
   return 8 * 1024 * 1024.0
-
-
-def _cpu_model() -> str:
-  model, flags = platform.processor() or platform.machine(), ""
-  try:
-    with open("/proc/cpuinfo") as f:
-      info = f.read()
-    for line in info.splitlines():
-      if line.startswith("model name") and model == (platform.processor() or platform.machine()):
-        model = line.split(":", 1)[1].strip()
-      if line.startswith("flags") and not flags:
-        fl = set(line.split(":", 1)[1].split())
-        flags = " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-                         if x in fl)
-  except OSError:
-    pass
-  return f"{model} [{flags}]" if flags else model
 
 
 def _version(dist_name: str) -> str | None:
@@ -384,6 +393,12 @@ class Runner:
   backward_note: str = ""
   mem_estimate: Callable[[MaskCase, bool], float] | None = None  # torch: bytes
   skip_errors_for: tuple = ()           # mask kinds whose errors read "skipped (unsupported)"
+  # called once per sequence length, before any case of that length is built (torch.compile:
+  # clear the compile cache of the previous length)
+  prepare_length: Callable[[], None] | None = None
+  # a counter of compilations made so far (torch.compile): a timed call that moves it compiled
+  # inside the timed rounds; such cases also get one more warm-up call just before the rounds
+  compile_count: Callable[[], int] | None = None
 
 
 def _chunked_plans(args) -> str:
@@ -466,14 +481,14 @@ def jax_nn_runner() -> Runner:
       return jax.nn.dot_product_attention(q, k, v, mask=m[0] if m else None,
                                           implementation="xla", **kw)
     return fn, extra, note
-  return Runner("jax.nn(xla)", "jax", build)
+  return Runner(peer_label("jax_nn", None), "jax", build)
 
 
 def tokamax_runner() -> Runner:
   try:
     tokamax = importlib.import_module("tokamax")
   except Exception as e:  # noqa: BLE001
-    return Runner("tokamax(xla_chunked)", "jax",
+    return Runner(peer_label("tokamax", None), "jax",
                   unavailable=f"tokamax not importable ({type(e).__name__})")
 
   # tokamax reads its absl flags lazily and then parses sys.argv, which fails on this script's
@@ -498,7 +513,7 @@ def tokamax_runner() -> Runner:
       return tokamax.dot_product_attention(q, k, v, mask=m[0] if m else None,
                                            implementation="xla_chunked", **kw)
     return fn, extra, note
-  return Runner("tokamax(xla_chunked)", "jax", build)
+  return Runner(peer_label("tokamax", None), "jax", build)
 
 
 def _torch():
@@ -565,7 +580,7 @@ def _torch_flex_mask_mod(mc: MaskCase):
 
 
 def torch_flex_runner(args) -> Runner:
-  label = "torch_flex(compiled)" if args.flex_compile == "on" else "torch_flex(eager)"
+  label = peer_label("torch_flex", args)
   try:
     _torch()
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -578,7 +593,9 @@ def torch_flex_runner(args) -> Runner:
     bm = create_block_mask(_torch_flex_mask_mod(mc), None, None, mc.T, mc.T, device="cpu")
     note = f"block mask {bm.BLOCK_SIZE[0]}x{bm.BLOCK_SIZE[1]}, sparsity {bm.sparsity():.0f}%"
     if args.flex_compile == "on":
-      torch._dynamo.reset()  # fresh compile per case (no cache-limit fallback to eager)
+      # No torch._dynamo.reset() here: it would drop the compiled code of the cases of this
+      # length built before, which would then recompile in their first timed call
+      # (prepare_length resets once per length, before any case is built).
       compiled = torch.compile(flex_attention, dynamic=False)
       fallback = {}
 
@@ -607,9 +624,33 @@ def torch_flex_runner(args) -> Runner:
     if args.flex_compile == "on":
       return 8.0 * args.batch * args.heads * mc.T * args.head_dim * 4
     return args.batch * args.heads * mc.T * mc.T * 4.0 * 3   # eager: dense scores
+
+  compiled_kw = {}
+  if args.flex_compile == "on":
+    compiled_kw = dict(prepare_length=lambda: _flex_prepare_length(len(args.masks)),
+                       compile_count=_torch_compile_count)
   return Runner(label, "torch", build, backward=False,
                 backward_note="n/a (torch 2.13 flex_attention has no CPU backward)",
-                mem_estimate=mem)
+                mem_estimate=mem, **compiled_kw)
+
+
+def _flex_prepare_length(num_cases: int):
+  """Before the flex cases of a new length are built: a fresh dynamo cache (every compiled
+  case of one length then lives in it side by side, none evicting another) with room for all of
+  them, so none falls back to eager or recompiles later."""
+  torch = _torch()
+  torch._dynamo.reset()
+  cfg = torch._dynamo.config
+  name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+  need = 2 * num_cases + 2
+  if getattr(cfg, name, need) < need:
+    setattr(cfg, name, need)
+
+
+def _torch_compile_count() -> int:
+  """Frames dynamo has compiled in this process (a cache hit does not count)."""
+  from torch._dynamo.utils import counters
+  return int(counters["frames"]["total"])
 
 
 def _torch_dtype(name: str):
@@ -629,7 +670,7 @@ def make_runners(args) -> list[Runner]:
     elif p == "torch_flex":
       runners.append(torch_flex_runner(args))
     elif p in ("jax_nn_cudnn", "splash"):
-      label = "jax.nn(cudnn)" if p == "jax_nn_cudnn" else "splash"
+      label = peer_label(p, args)
       why, build, skip_kinds = (hw.cudnn_peer if p == "jax_nn_cudnn" else hw.splash_peer)()
       runners.append(Runner(label, "jax", lambda mc, b=build: b(mc, args), unavailable=why,
                             skip_errors_for=skip_kinds))
@@ -655,6 +696,7 @@ class PassResult:
   note: str = ""
   round_s: dict = dataclasses.field(default_factory=dict)   # interleaved: round -> seconds
   per_sample: int = 1                   # calls per timed sample (--calls-per-sample)
+  timed_compiles: int | None = None     # torch.compile: compilations inside the timed calls
 
 
 @dataclasses.dataclass
@@ -673,13 +715,15 @@ class Row:
   tflops: dict = dataclasses.field(default_factory=dict)   # {"fwd", "fwdbwd"}: TFLOP/s
 
 
-def _timed_calls(call, warmup, repeats, budget_s, res: PassResult, defer=None, call_once=None):
+def _timed_calls(call, warmup, repeats, budget_s, res: PassResult, defer=None, call_once=None,
+                 compile_count=None):
   """Warm up (the first call, then call() max(1, warmup) - 1 more times), then time `repeats`
   calls of call() (which blocks; fewer when they would take the whole case past `budget_s`
   seconds). A sample of call() is ``res.per_sample`` executions; ``call_once`` (one execution)
   makes the first call, so ``res.first_s`` is one execution's time. Returns the first call's
   output. With `defer`, the timed calls are not made here: ``defer(call, n)`` hands them to the
-  caller's interleaved rounds."""
+  caller's interleaved rounds. ``compile_count`` (a counter of compilations): the compilations
+  made during the timed calls go to ``res.timed_compiles``."""
   base = _rss_reset()
   t_start = time.perf_counter()
   first = (call_once or call)()
@@ -700,10 +744,13 @@ def _timed_calls(call, warmup, repeats, budget_s, res: PassResult, defer=None, c
     defer(call, n)
     return first
   times = []
+  c0 = compile_count() if compile_count is not None else None
   for _ in range(n):
     t0 = time.perf_counter()
     call()
     times.append((time.perf_counter() - t0) / res.per_sample)
+  if c0 is not None:
+    res.timed_compiles = compile_count() - c0
   res.ms = statistics.median(times) * 1e3
   res.repeats = n
   peak = _status_bytes("VmHWM")
@@ -766,7 +813,8 @@ def _jax_pass(fn, arrays, extra, ct, backward, args, res: PassResult, limit_byte
   return [np.asarray(out, np.float32)]
 
 
-def _torch_pass(fn, tensors, ct, backward, args, res: PassResult, defer=None):
+def _torch_pass(fn, tensors, ct, backward, args, res: PassResult, defer=None,
+                compile_count=None):
   torch = _torch()
   if backward:
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
@@ -778,7 +826,8 @@ def _torch_pass(fn, tensors, ct, backward, args, res: PassResult, defer=None):
     def call():
       with torch.inference_mode():
         return fn(*tensors)
-  out = _timed_calls(call, args.warmup, args.repeats, args.max_seconds_per_case, res, defer)
+  out = _timed_calls(call, args.warmup, args.repeats, args.max_seconds_per_case, res, defer,
+                     compile_count=compile_count)
   if backward:   # [B, H, T, D] -> [B, T, H, D]
     return [x.detach().float().numpy().transpose(0, 2, 1, 3) for x in out]
   return [out.float().numpy().transpose(0, 2, 1, 3)]
@@ -896,11 +945,14 @@ class Bench:
         got = None
         defer = None
         if args.interleave:
-          def defer(call, n, res=res, key=key, backward=backward):
-            self.pending.append(dict(call=call, n=n, res=res, key=key, backward=backward))
+          def defer(call, n, res=res, key=key, backward=backward, row=row, pname=pname,
+                    count=r.compile_count):
+            self.pending.append(dict(call=call, n=n, res=res, key=key, backward=backward,
+                                     row=row, pname=pname, count=count))
         try:
           if r.family == "torch":
-            got = _torch_pass(fn, torch_in[:3], torch_in[3], backward, args, res, defer)
+            got = _torch_pass(fn, torch_in[:3], torch_in[3], backward, args, res, defer,
+                              r.compile_count)
           else:
             # compiled even when skipped as slow: the temp memory is still reported
             got = _jax_pass(fn, arrays, extra, ct, backward, args, res, self.limit_bytes, skip,
@@ -916,6 +968,7 @@ class Bench:
           row.notes.append(f"{pname}: {res.note}")
         if not (args.interleave and res.status == "ok"):
           self._mark_slow(res, key, backward, mc.T)
+          self._note_timed_compiles(res, row, pname)
         if got is None:
           continue
         if backward:
@@ -943,10 +996,29 @@ class Bench:
       if not backward:
         self.slow.setdefault((key[0], key[1], "fwd+bwd"), why)
 
+  def _note_timed_compiles(self, res: PassResult, row: Row, pname: str):
+    if res.timed_compiles:
+      msg = (f"{pname}: {res.timed_compiles} torch.compile compilation(s) inside the timed "
+             "calls: these times include compilation")
+      row.notes.append(msg)
+      self.log(f"  WARNING {row.impl} {row.mask}: {msg}")
+
   def time_rounds(self, T: int):
     """Interleaved timing of every pending case: round r makes one call of each case that
-    still has repeats left, in the same order every round."""
+    still has repeats left, in the same order every round. Cases compiled on first use
+    (torch.compile) first get one more untimed call, right before the rounds, so that anything
+    built after their warm-up cannot leave a compilation in round 1; compilations still seen
+    during the rounds are counted (``timed_compiles``) and noted on the row."""
     jobs, self.pending = self.pending, []
+    rewarm = [j for j in jobs if j["count"] is not None and j["res"].status == "ok"]
+    if rewarm:
+      self.log(f"[T={T}] re-warming {len(rewarm)} compiled case(s) before timing")
+    for j in rewarm:
+      try:
+        j["call"]()
+      except Exception as e:  # noqa: BLE001
+        j["res"].status = f"error: {_short(e)}"
+      j["res"].timed_compiles = 0
     rounds = max((j["n"] for j in jobs), default=0)
     for rd in range(rounds):
       self.log(f"[T={T}] timing round {rd + 1}/{rounds} ({sum(j['n'] > rd for j in jobs)} "
@@ -956,6 +1028,7 @@ class Bench:
           continue
         res = j["res"]
         base = _rss_reset()
+        c0 = j["count"]() if j["count"] is not None else None
         try:
           t0 = time.perf_counter()
           j["call"]()
@@ -963,6 +1036,8 @@ class Bench:
         except Exception as e:  # noqa: BLE001
           res.status = f"error: {_short(e)}"
           continue
+        if c0 is not None:
+          res.timed_compiles = (res.timed_compiles or 0) + j["count"]() - c0
         peak = _status_bytes("VmHWM")
         if base is not None and peak is not None:
           res.rss_mib = max(res.rss_mib or 0.0, max(peak - base, 0) / MIB)
@@ -973,6 +1048,7 @@ class Bench:
         res.repeats = len(res.round_s)
         res.wall_s += sum(res.round_s.values())
       self._mark_slow(res, j["key"], j["backward"], T)
+      self._note_timed_compiles(res, j["row"], j["pname"])
 
   def run(self, on_progress=None):
     for T in self.args.lengths:
@@ -980,6 +1056,9 @@ class Bench:
     return self.rows
 
   def run_length(self, T, on_progress=None):
+    for r in self.runners:   # before any case of this length is built
+      if r.prepare_length is not None and not r.unavailable:
+        r.prepare_length()
     for kind in self.args.masks:
       mc = make_mask_case(kind, T, self.args)
       if isinstance(mc, tuple):

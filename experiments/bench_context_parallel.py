@@ -59,26 +59,68 @@ import sys
 import time
 
 
-def _parse_args(argv=None):
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import int_at_least, positive_int  # noqa: E402  (imports no jax/torch)
+
+DEFAULT_DEVICES = 8
+_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _flag_device_count(xla_flags: str) -> int | None:
+  m = re.search(_COUNT_FLAG + r"=(\d+)", xla_flags or "")
+  return int(m.group(1)) if m else None
+
+
+def _parse_args(argv=None, environ=None):
+  environ = os.environ if environ is None else environ
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--devices", type=int, default=8, help="simulated CPU devices (CPU only)")
-  ap.add_argument("--seq-len", type=int, default=128)
-  ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--heads", type=int, default=8)
-  ap.add_argument("--kv-heads", type=int, default=2)
-  ap.add_argument("--head-dim", type=int, default=16)
+  ap.add_argument("--devices", type=int_at_least(2), default=None,
+                  help=f"simulated CPU devices (CPU only; default {DEFAULT_DEVICES}). Set "
+                  f"through XLA_FLAGS={_COUNT_FLAG}=N before jax starts; an XLA_FLAGS that "
+                  "already sets a different count is an error")
+  ap.add_argument("--seq-len", type=positive_int, default=128,
+                  help="tokens T (a multiple of 2 x devices, >= 16)")
+  ap.add_argument("--batch", type=positive_int, default=1)
+  ap.add_argument("--heads", type=positive_int, default=8,
+                  help="query heads (ulysses: a multiple of the device count)")
+  ap.add_argument("--kv-heads", type=positive_int, default=2, help="must divide --heads")
+  ap.add_argument("--head-dim", type=positive_int, default=16)
   ap.add_argument("--segments", action="store_true", help="add packed-document segment ids")
   ap.add_argument("--quick", action="store_true")
-  ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--repeats", type=positive_int, default=5)
   ap.add_argument("--out-md", default=None)
-  return ap.parse_args(argv)
+  args = ap.parse_args(argv)
+  flagged = _flag_device_count(environ.get("XLA_FLAGS", ""))
+  if flagged is not None and args.devices is not None and args.devices != flagged:
+    ap.error(f"--devices {args.devices} would be ignored: XLA_FLAGS already sets "
+             f"{_COUNT_FLAG}={flagged}. Pass --devices {flagged}, or remove that flag from "
+             "XLA_FLAGS")
+  args.devices = flagged or args.devices or DEFAULT_DEVICES
+  if args.heads % args.kv_heads:
+    ap.error(f"--kv-heads {args.kv_heads} must divide --heads {args.heads}")
+  if args.seq_len < 16:
+    ap.error(f"--seq-len must be >= 16 (the window mask is T // 16 tokens), got {args.seq_len}")
+  return args
+
+
+def size_errors(args, n: int) -> list[str]:
+  """What the sizes of ``args`` break on ``n`` devices (every strategy of the run must work)."""
+  out = []
+  if n % 2:
+    out.append(f"usp (2-way Ulysses x ring) needs an even device count, got {n}")
+  if args.seq_len % (2 * n):
+    out.append(f"--seq-len {args.seq_len} must be a multiple of 2 x {n} devices (zigzag layout "
+               f"of {2 * n} chunks)")
+  if args.heads % n:
+    out.append(f"--heads {args.heads} must be a multiple of the {n} devices (ulysses shards the "
+               "heads)")
+  return out
 
 
 ARGS = _parse_args() if __name__ == "__main__" else None
-if ARGS is not None and "--xla_force_host_platform_device_count" not in os.environ.get(
-    "XLA_FLAGS", ""):
+if ARGS is not None and _COUNT_FLAG not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             f" --xla_force_host_platform_device_count={ARGS.devices}").strip()
+                             f" {_COUNT_FLAG}={ARGS.devices}").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -305,6 +347,9 @@ def main(args):
   real_hw = jax.default_backend() != "cpu" and len(devices) > 1
   if len(devices) < 2:
     sys.exit(f"need at least 2 devices, got {len(devices)}")
+  errors = size_errors(args, len(devices))
+  if errors:
+    sys.exit("error: " + "; ".join(errors))
   rng = np.random.default_rng(0)
   lines = [
       f"# Context-parallel attention: {len(devices)} x {devices[0].device_kind} "

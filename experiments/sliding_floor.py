@@ -30,7 +30,8 @@ Example (the BENCHMARKS.md run)::
 from __future__ import annotations
 
 import argparse
-import platform
+import os
+import sys
 import time
 
 import jax
@@ -40,6 +41,9 @@ import numpy as np
 import attnjax as aj
 from attnjax import masks
 from attnjax.backends.chunked import ChunkedBackend
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import machine_summary, nonnegative_int, positive_int  # noqa: E402
 
 BLOCK_Q = 128      # the band's query block (chunked's default)
 
@@ -85,19 +89,17 @@ def torch_cases(T, H, D, window, q, k, v):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--length", type=int, default=8192)
-  ap.add_argument("--heads", type=int, default=8)
-  ap.add_argument("--head-dim", type=int, default=64)
-  ap.add_argument("--window", type=int, default=511, help="sliding window (left, 0)")
-  ap.add_argument("--rounds", type=int, default=7)
+  ap.add_argument("--length", type=positive_int, default=8192)
+  ap.add_argument("--heads", type=positive_int, default=8)
+  ap.add_argument("--head-dim", type=positive_int, default=64)
+  ap.add_argument("--window", type=nonnegative_int, default=511, help="sliding window (left, 0)")
+  ap.add_argument("--rounds", type=positive_int, default=7)
   ap.add_argument("--flex", action="store_true", help="also time PyTorch flex_attention")
   args = ap.parse_args(argv)
   T, H, D, W = args.length, args.heads, args.head_dim, args.window
   if T % BLOCK_Q or T < W + 1 + BLOCK_Q:
     ap.error(f"--length must be a multiple of {BLOCK_Q} and at least window + {1 + BLOCK_Q}, "
              f"got {T}")
-  if args.rounds < 1:
-    ap.error(f"--rounds must be >= 1, got {args.rounds}")
 
   kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
   q, k, v = (jax.random.normal(x, (1, T, H, D), jnp.float32) for x in (kq, kk, kv))
@@ -133,7 +135,7 @@ def main(argv=None):
       times[name].append(time.perf_counter() - t0)
 
   lines = [f"T={T}, H={H}, D={D}, window ({W}, 0), float32, {args.rounds} interleaved rounds; "
-           f"{platform.processor() or platform.machine()}, jax {jax.__version__}; "
+           f"{machine_summary()}; jax {jax.__version__}; "
            f"chunked sliding: {chunked.describe(aj.build_problem(q, k, v, mask=sliding))}",
            "", "| case | median ms | / causal (paired) | range |", "|---|---|---|---|"]
   ratios = {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import sys
 import time
@@ -37,14 +38,34 @@ import attnjax as aj
 from attnjax import masks as M
 from attnjax.backends.pallas import PallasBackend
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import float_at_least, nonnegative_int, positive_int  # noqa: E402
+
+MASKS = ("causal", "sliding")
+DEFAULT_CONFIGS = ("default", "64x64", "64x128", "128x64:4:3", "128x64:8:3", "128x128:8:2")
+CONFIG_FORM = "'default' or BQxBK[:warps[:stages]] with positive integers, e.g. 64x64, 128x64:4:3"
+
 
 def parse_config(text: str):
+  """``"default"`` -> ``(None,) * 4``; ``"BQxBK[:warps[:stages]]"`` -> ``(bq, bk, warps,
+  stages)`` (an empty or absent warps/stages field = the backend's choice, None). A malformed
+  or non-positive entry raises ``argparse.ArgumentTypeError`` naming the expected form (it is
+  the ``type=`` of ``--configs``, so the error comes before anything needs a GPU)."""
   if text == "default":  # the backend's own choice (forward and backward tiles may differ)
     return None, None, None, None
   parts = text.split(":")
-  bq, bk = (int(x) for x in parts[0].lower().split("x"))
-  warps = int(parts[1]) if len(parts) > 1 and parts[1] else None
-  stages = int(parts[2]) if len(parts) > 2 and parts[2] else None
+  tiles = parts[0].lower().split("x")
+  try:
+    if len(parts) > 3 or len(tiles) != 2:
+      raise ValueError
+    bq, bk = (int(x) for x in tiles)
+    warps = int(parts[1]) if len(parts) > 1 and parts[1] else None
+    stages = int(parts[2]) if len(parts) > 2 and parts[2] else None
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"bad config {text!r}: expected {CONFIG_FORM}") from None
+  if min(x for x in (bq, bk, warps, stages) if x is not None) < 1:
+    raise argparse.ArgumentTypeError(f"bad config {text!r}: block sizes, warps and stages must "
+                                     f"be >= 1 (expected {CONFIG_FORM})")
   return bq, bk, warps, stages
 
 
@@ -54,7 +75,7 @@ def make_mask(name: str, window: int):
   if name == "sliding":
     return M.causal() & M.sliding_window(window, 0), dict(is_causal=True,
                                                           local_window_size=(window, 0))
-  raise ValueError(f"--masks: unknown mask {name!r}; allowed: causal, sliding")
+  raise ValueError(f"--masks: unknown mask {name!r}; allowed: {', '.join(MASKS)}")
 
 
 def visible_pairs(name: str, t: int, window: int) -> int:
@@ -64,27 +85,36 @@ def visible_pairs(name: str, t: int, window: int) -> int:
   return sum(min(i + 1, w) for i in range(t))
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+  """Every option is checked here, before the GPU check: a typo fails at once, anywhere."""
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--lengths", type=int, nargs="+", default=[8192])
-  ap.add_argument("--batch", type=int, default=1)
-  ap.add_argument("--heads", type=int, default=8)
-  ap.add_argument("--head-dim", type=int, default=64)
+  ap.add_argument("--lengths", type=positive_int, nargs="+", default=[8192])
+  ap.add_argument("--batch", type=positive_int, default=1)
+  ap.add_argument("--heads", type=positive_int, default=8)
+  ap.add_argument("--head-dim", type=positive_int, default=64)
   ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-  ap.add_argument("--masks", nargs="+", default=["causal", "sliding"])
-  ap.add_argument("--window", type=int, default=511)
-  ap.add_argument("--configs", nargs="+", default=["default", "64x64", "64x128", "128x64:4:3",
-                                                   "128x64:8:3", "128x128:8:2"])
-  ap.add_argument("--rounds", type=int, default=7)
-  ap.add_argument("--calls", type=int, default=10)
+  ap.add_argument("--masks", nargs="+", choices=MASKS, default=list(MASKS))
+  ap.add_argument("--window", type=nonnegative_int, default=511)
+  ap.add_argument("--configs", nargs="+", type=parse_config, default=None,
+                  help=f"tile configurations: {CONFIG_FORM} (default: "
+                  f"{' '.join(DEFAULT_CONFIGS)})")
+  ap.add_argument("--rounds", type=positive_int, default=7)
+  ap.add_argument("--calls", type=positive_int, default=10)
   ap.add_argument("--no-backward", action="store_true")
-  ap.add_argument("--ref-max-bytes", type=float, default=4 * 2**30,
+  ap.add_argument("--ref-max-bytes", type=float_at_least(0.0), default=4 * 2**30,
                   help="largest [B, H, T, T] float32 logits the dense reference may materialize")
   ap.add_argument("--out-csv", default=None)
   args = ap.parse_args(argv)
+  if args.configs is None:
+    args.configs = [parse_config(c) for c in DEFAULT_CONFIGS]
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
   if jax.default_backend() != "gpu":
     sys.exit("sweep_pallas_gpu.py needs a GPU (the kernels would run in interpret mode)")
-  configs = [parse_config(c) for c in args.configs]
+  configs = args.configs
   dt = jnp.dtype(args.dtype)
   B, H, D = args.batch, args.heads, args.head_dim
   rows = []

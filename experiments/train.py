@@ -130,16 +130,27 @@ def main(argv=None):
   return run(cfg, workdir, resume=resume, resume_step=resume_step, progress=progress)
 
 
+def cli(argv=None) -> int:
+  """``main`` for the command line: the errors a user can fix (bad config or command line,
+  missing data, a checkpoint problem, a non-finite loss) are printed without a traceback and
+  give exit status 2; any other exception propagates with its traceback."""
+  try:
+    main(argv)
+  except (ValueError, NotImplementedError, FileNotFoundError) as err:
+    print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+    return 2
+  except (RuntimeError, FloatingPointError) as err:
+    # CheckpointError / NonFiniteLossError (the train loss became NaN or inf; the message
+    # lists the likely causes). Other RuntimeErrors and FloatingPointErrors (e.g. from
+    # JAX_DEBUG_NANS=True, which points at the operation) keep their traceback.
+    if type(err).__name__ not in ("CheckpointError", "NonFiniteLossError"):
+      raise
+    print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+    return 2
+  return 0
+
+
 if __name__ == "__main__":
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)
-  try:
-    main()
-  except (ValueError, NotImplementedError, FileNotFoundError) as err:
-    print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-    sys.exit(2)
-  except RuntimeError as err:  # CheckpointError: a clear message, no traceback
-    if type(err).__name__ != "CheckpointError":
-      raise
-    print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-    sys.exit(2)
+  sys.exit(cli())

@@ -20,6 +20,14 @@ EXPECTED_MASKS = [("causal", 128), ("sliding(511,0)", 128), ("neighborhood 11x11
 EXPECTED_IMPLS = ["chunked", "jax.nn(xla)"]
 
 
+def _load_script(name):
+  spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = mod
+  spec.loader.exec_module(mod)
+  return mod
+
+
 def _load_bench():
   spec = importlib.util.spec_from_file_location("bench_attention", BENCH)
   mod = importlib.util.module_from_spec(spec)
@@ -209,7 +217,26 @@ def test_bench_decode_refusal_and_tiny_interpret_run(capsys):
                    "--kv-heads", "2", "--head-dim", "16", "--dtype", "float32", "--block-kv",
                    "16", "--num-splits", "2", "--repeats", "1", "--warmup", "1"])
   assert len(rows) == 1 and rows[0]["decode_ms"] > 0 and rows[0]["err"] < 1e-5
-  assert "INTERPRET MODE" in capsys.readouterr().out
+  assert len(rows[0]["decode_round_s"]) == len(rows[0]["xla_round_s"]) == 1
+  out = capsys.readouterr().out
+  assert "INTERPRET MODE" in out and "interleaved rounds" in out
+
+
+def test_bench_decode_rounds_alternate_and_sync_once_per_sample(monkeypatch):
+  """Timed rounds alternate the two programs (paired), and a sample of N calls dispatches them
+  back to back and waits once (a wait per call added its latency to sub-ms kernels)."""
+  mod = _load_script("bench_decode")
+  log = []
+  monkeypatch.setattr(mod.jax, "block_until_ready", lambda x: log.append(("sync", x)) or x)
+  cases = {"decode": (lambda a: log.append(("decode", a)) or "d", (1,)),
+           "xla": (lambda a: log.append(("xla", a)) or "x", (2,))}
+  outs, times = mod.time_interleaved(cases, warmup=1, repeats=2, calls=3)
+  assert outs == {"decode": "d", "xla": "x"}
+  assert [len(t) for t in times.values()] == [2, 2]
+  first = [("decode", 1), ("sync", "d"), ("xla", 2), ("sync", "x")]   # compile + first call
+  sample = lambda name, a, out: [(name, a)] * 3 + [("sync", out)]
+  rnd = sample("decode", 1, "d") + sample("xla", 2, "x")
+  assert log == first + rnd + rnd
 
 
 def test_header_describes_each_chunked_impl():
@@ -237,8 +264,108 @@ def test_sliding_floor_runs():
            "floor: dots 128 x 192", "floor: softmax 128 x 192", "floor: dots 64 x 128",
            "floor: softmax 64 x 128", "floor: dots 32 x 128", "floor: softmax 32 x 128"]
   assert list(res["times"]) == names
+  # the header names the CPU model (it said only "x86_64"), as bench_attention's does
+  common = _load_script("bench_common")
+  assert common.cpu_model() in res["markdown"].splitlines()[0]
   assert all(len(t) == 1 and t[0] > 0 for t in res["times"].values())
   assert res["ratios"]["chunked causal"] == pytest.approx(1.0)
   assert "| chunked sliding |" in res["markdown"]
   with pytest.raises(SystemExit):
     mod.main(["--length", "200"])
+
+
+@pytest.mark.slow   # two torch.compile runs: ~5-20 s on a 2-core CPU
+def test_flex_compiled_peer_compiles_nothing_inside_the_timed_rounds():
+  """The compiled torch flex_attention peer: every case of a length is compiled before the
+  timed rounds start. (torch._dynamo.reset() ran while building each mask case, discarding the
+  compiled code of the cases built before it: they recompiled in timed round 1.) Counts
+  dynamo's compiled frames during the interleaved rounds: 0."""
+  pytest.importorskip("torch.nn.attention.flex_attention")
+  from torch._dynamo.utils import counters
+  bench = _load_bench()
+  in_rounds = []
+  orig = bench.Bench.time_rounds
+
+  def time_rounds(self, T):
+    c0 = counters["frames"]["total"]
+    orig(self, T)
+    in_rounds.append(counters["frames"]["total"] - c0)
+  bench.Bench.time_rounds = time_rounds
+  c_start = counters["frames"]["total"]
+  res = bench.main(["--lengths", "128", "--masks", "causal", "sliding", "--window", "31",
+                    "--repeats", "2", "--warmup", "0", "--no-backward", "--ref-max-t", "0",
+                    "--impl", "chunked", "--peers", "torch_flex", "--flex-compile", "on",
+                    "--quiet"])
+  flex = [r for r in res["rows"] if r.impl == "torch_flex(compiled)"]
+  assert [r.fwd.status for r in flex] == ["ok", "ok"], [r.notes for r in flex]
+  assert not any("ran eager" in n for r in flex for n in r.notes)
+  assert counters["frames"]["total"] - c_start >= 2    # both cases were compiled ...
+  assert in_rounds == [0]                              # ... before the timed rounds
+  assert [r.fwd.timed_compiles for r in flex] == [0, 0]
+  assert all(len(r.fwd.round_s) == 2 for r in flex)
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("bench_decode", ["--allow-interpret", "--repeats", "0"], "--repeats: must be an integer >= 1"),
+    ("bench_decode", ["--allow-interpret", "--lengths", "0"], "--lengths: must be an integer >= 1"),
+    ("bench_decode", ["--allow-interpret", "--batch", "-2"], "--batch: must be an integer >= 1"),
+    ("bench_decode", ["--allow-interpret", "--heads", "5", "--kv-heads", "2"],
+     "--kv-heads 2 must divide --heads 5"),
+    ("bench_decode", ["--allow-interpret", "--num-splits", "0"], "--num-splits: must be an"),
+    ("bench_decode", ["--allow-interpret", "--block-kv", "100"], "--block-kv: block_kv=100"),
+    ("bench_attention", ["--lengths", "0"], "--lengths: must be an integer >= 1, got 0"),
+    ("bench_attention", ["--heads", "0"], "--heads: must be an integer >= 1"),
+    ("bench_attention", ["--head-dim", "-1"], "--head-dim: must be an integer >= 1"),
+    ("bench_attention", ["--window", "-1"], "--window: must be an integer >= 0"),
+    ("bench_attention", ["--threads", "0"], "--threads: must be an integer >= 1"),
+    ("bench_attention", ["--max-seconds-per-case", "-1"], "--max-seconds-per-case: must be a"),
+    ("bench_attention", ["--ratio-base", "foo", "--impl", "chunked", "xla", "--peers", "jax_nn"],
+     "--ratio-base 'foo' is not a row of this run; allowed values (--impl and --peers labels): "
+     "'chunked', 'xla', 'jax.nn(xla)'"),
+    ("sliding_floor", ["--heads", "0"], "--heads: must be an integer >= 1"),
+    ("sweep_pallas_gpu", ["--configs", "64"], "bad config '64': expected 'default' or "
+     "BQxBK[:warps[:stages]]"),
+    ("sweep_pallas_gpu", ["--configs", "64x64:four"], "bad config '64x64:four'"),
+    ("sweep_pallas_gpu", ["--configs", "0x64"], "must be >= 1"),
+    ("sweep_pallas_gpu", ["--masks", "causl"], "invalid choice: 'causl'"),
+    ("sweep_pallas_gpu", ["--lengths", "0"], "--lengths: must be an integer >= 1"),
+    ("bench_context_parallel", ["--repeats", "0"], "--repeats: must be an integer >= 1"),
+    ("bench_context_parallel", ["--seq-len", "-8"], "--seq-len: must be an integer >= 1"),
+    ("bench_context_parallel", ["--devices", "4"], "--devices 4 would be ignored: XLA_FLAGS "
+     "already sets --xla_force_host_platform_device_count=8"),
+])
+def test_script_argument_errors(capsys, script, argv, message):
+  """Bad sizes are argparse errors naming the option (they were tracebacks from deep inside a
+  run, a NaN median, or silently accepted), raised before anything needs a GPU."""
+  mod = _load_script(script)
+  parse = {"bench_decode": "parse_args", "bench_attention": "parse_args",
+           "sweep_pallas_gpu": "parse_args", "sliding_floor": "main",
+           "bench_context_parallel": "_parse_args"}[script]
+  if script == "bench_decode" and mod.jax.default_backend() != "cpu" and "--block-kv" in argv:
+    pytest.skip("the block_kv rule checked here is the interpreted GPU kernel's")
+  kw = {"environ": {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}} if (
+      script == "bench_context_parallel") else {}
+  with pytest.raises(SystemExit) as e:
+    getattr(mod, parse)(argv, **kw)
+  assert e.value.code == 2
+  assert message in capsys.readouterr().err
+
+
+def test_context_parallel_sizes_and_device_count():
+  mod = _load_script("bench_context_parallel")
+  args = mod._parse_args(["--seq-len", "36", "--heads", "6", "--kv-heads", "2"], environ={})
+  assert args.devices == 8
+  errs = mod.size_errors(args, 4)
+  assert any("--seq-len 36 must be a multiple of 2 x 4" in e for e in errs)
+  assert any("--heads 6 must be a multiple of the 4 devices" in e for e in errs)
+  assert mod.size_errors(mod._parse_args([], environ={}), 8) == []
+  flag = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  assert mod._parse_args([], environ=flag).devices == 4           # the flag's count is used
+  assert mod._parse_args(["--devices", "4"], environ=flag).devices == 4
+
+
+def test_sweep_config_parsing():
+  mod = _load_script("sweep_pallas_gpu")
+  args = mod.parse_args(["--configs", "default", "64x128", "128X64:4:3", "64x64::2"])
+  assert args.configs == [(None,) * 4, (64, 128, None, None), (128, 64, 4, 3), (64, 64, None, 2)]
+  assert mod.parse_args([]).configs[1] == (64, 64, None, None)   # defaults parsed too

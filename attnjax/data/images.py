@@ -143,18 +143,29 @@ def read_idx(path: str) -> np.ndarray:
   data in row-major order, big-endian.
   """
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (EOFError, gzip.BadGzipFile) as e:  # a cut-off download of the .gz
+    raise ValueError(f"{path} is not a valid IDX file: the gzip stream is corrupt or truncated "
+                     f"({type(e).__name__}: {e})") from e
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-    raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4]!r})")
+    raise ValueError(f"{path} is not a valid IDX file: bad magic number {data[:4]!r} (expected "
+                     f"two zero bytes, a type code in "
+                     f"{', '.join(hex(c) for c in _IDX_DTYPES)} and the number of dimensions)")
   ndim = data[3]
   header = 4 + 4 * ndim
+  if len(data) < header:  # truncated inside the header (the dimension sizes)
+    raise ValueError(f"{path} is not a valid IDX file: its magic number declares {ndim} "
+                     f"dimension(s), a {header}-byte header, but the file has only {len(data)} "
+                     f"bytes (truncated?)")
   shape = tuple(int(s) for s in np.frombuffer(data[4:header], ">u4"))
   dtype = np.dtype(_IDX_DTYPES[data[2]])
   expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   if len(data) - header != expected:
-    raise ValueError(f"{path}: header says shape {shape} of {dtype} ({expected} bytes) but the "
-                     f"file has {len(data) - header} data bytes")
+    raise ValueError(f"{path} is not a valid IDX file: its header says shape {shape} of {dtype}, "
+                     f"{expected} data bytes, but the file has {len(data) - header} data bytes "
+                     f"({'truncated?' if len(data) - header < expected else 'trailing bytes'})")
   return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 

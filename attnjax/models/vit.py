@@ -40,6 +40,22 @@ def _pair(name, value):
   return tuple(common.check_int(name, v, 1) for v in vals)
 
 
+def _check_heads(dim: int, num_heads: int, attention: str, attention_kwargs) -> None:
+  """Every ViT attention splits ``dim`` into ``num_heads`` heads of ``dim // num_heads``
+  channels (only "global" with an explicit ``attention_kwargs["head_dim"]`` does not): say so in
+  the model's terms, before a layer names its own ``in_features``."""
+  if dim % num_heads == 0 or (attention == "global" and (attention_kwargs or {}).get("head_dim")):
+    return
+  divisors = [h for h in range(1, dim + 1) if dim % h == 0]
+  near = [max(h for h in divisors if h < num_heads)]   # 1 always divides
+  near += [h for h in divisors if h > num_heads][:1]
+  raise ValueError(
+      f"ViT dim={dim} is not divisible by num_heads={num_heads} (model.dim / model.num_heads "
+      f"in a training config): attention={attention!r} splits dim into num_heads heads of "
+      f"dim // num_heads channels. Choose num_heads dividing dim (e.g. "
+      f"{' or '.join(map(str, near))}) or a dim that is a multiple of num_heads.")
+
+
 class MLP(nnx.Module):
   """ViT MLP: ``GELU(x W_1 + b_1) W_2 + b_2``; kernels ``("embed", "mlp")``/``("mlp",
   "embed")``."""
@@ -134,6 +150,7 @@ class ViT(nnx.Module):
     self.mlp_dim = common.check_int("mlp_dim", mlp_dim, 1)
     self.attention = attention
     lookup(VIT_ATTENTIONS, attention, "attention for ViT")
+    _check_heads(self.dim, self.num_heads, attention, attention_kwargs)
     self.pool = common.check_choice("pool", pool, POOLS)
     self.dtype = common.canonical_dtype("dtype", dtype)
     self.param_dtype = common.canonical_dtype("param_dtype", param_dtype)

@@ -45,6 +45,11 @@ _FROM_DATA = {"lm": {"vocab_size": "vocab_size", "max_len": "seq_len"},
 _DATA_KIND = {"lm": "text", "vit": "image"}
 
 
+class NonFiniteLossError(FloatingPointError):
+  """The train loss became NaN or infinite; the message lists the likely causes. Raised before
+  the state is checkpointed, so the checkpoints on disk are all finite."""
+
+
 @dataclasses.dataclass
 class RunResult:
   """What :func:`run` returns: the summary (also in ``workdir/summary.json``), the final train
@@ -61,9 +66,11 @@ def _get(cfg, key, default=None):
 
 
 def config_hash(cfg) -> str:
-  """Hash of the entries a checkpoint depends on (unset ``model.attention_kwargs`` entries
-  ignored, so adding a None-valued key to a config does not change it)."""
+  """Hash of the entries a checkpoint depends on (unset ``model.attention_kwargs`` and ``data``
+  entries ignored, so adding a None-valued key to a config does not change it)."""
   d = _to_dict({k: cfg[k] for k in ("model", "data", "optim", "seed", "batch_size") if k in cfg})
+  if isinstance(d.get("data"), dict):
+    d["data"] = {k: v for k, v in d["data"].items() if v is not None}
   ak = d.get("model", {}).get("attention_kwargs")
   if isinstance(ak, dict):
     d["model"] = dict(d["model"], attention_kwargs={k: v for k, v in ak.items() if v is not None})
@@ -80,24 +87,57 @@ def _to_dict(x):
   return x
 
 
-def attention_kwargs_config():
-  """``model.attention_kwargs`` for the LM configs: the attention layers' common constructor
-  arguments (:data:`attnjax.models.LM_ATTENTIONS`), each ``None`` (unset: not passed, see
-  :func:`model_config`), so that they can be set on the command line (ml_collections overrides
-  cannot add keys). A config file may add other arguments."""
+# ``model.attention_kwargs`` entries of the configs, per model kind: the attention layers'
+# common constructor arguments, ``name: (type, comment)``. Each is a ``None`` placeholder in the
+# config (unset: not passed, see :func:`model_config`) so that it can be set on the command line
+# (ml_collections overrides cannot add keys). An entry that the chosen attention does not take
+# is an error naming the keys it does take (:mod:`attnjax.models.registry`).
+ATTENTION_KWARGS = {
+    "lm": {  # attnjax.models.LM_ATTENTIONS
+        "window": (int, "sliding_window (required): W keys, query included"),
+        "stride": (int, "strided_heads (required): a head sees 1/stride"),
+        "local_window": (int, "strided_heads: dense band |i - j| <= this"),
+        "block": (int, "strided_heads: tokens per strided shard"),
+        "gate": (str, 'gated: "elementwise" (default) | "headwise"'),
+        "sinks": (bool, "mha family: learned per-head sink logits"),
+        "qk_norm": (bool, "mha family: normalize q and k"),
+        "num_shared_heads": (int, "moh: always-on heads (default num_heads // 2)"),
+        "top_k": (int, "moh: routed heads per token"),
+        "kv_lora_rank": (int, "mla: latent size (default 4 * head_dim)"),
+    },
+    "vit": {  # attnjax.models.VIT_ATTENTIONS (square kernels / windows from the command line)
+        "kernel_size": (int, "neighborhood: keys per axis (default min(7, grid), odd)"),
+        "dilation": (int, "neighborhood: dilation per axis (default 1)"),
+        "rel_pos_bias": (bool, "neighborhood (default off), swin (default on): relative bias"),
+        "window_size": (int, "swin: window side (default: largest divisor <= 7 of the grid); "
+                        "hilo: local window (default 2)"),
+        "shift_size": (int, "swin: shift of the odd blocks (default window_size // 2)"),
+        "alpha": (float, "hilo: fraction of heads on the low-frequency path (default 0.5)"),
+        "agent_num": (int, "agent: agent tokens, a square (default min(7, grid)^2)"),
+        "sr_ratio": (int, "spatial_reduction (default 2), agent (default 1): key downsampling"),
+        "key_dim": (int, "cascaded: q/k size per head (default min(16, dim // num_heads))"),
+        "kernels": (int, "cascaded: depthwise query kernel (default min(5, grid), odd)"),
+        "qkv_bias": (bool, "grid layers and channel: bias of the q/k/v projection"),
+        "qk_scale": (float, "grid layers: logit scale (default 1/sqrt(head_dim))"),
+        "head_dim": (int, "global: per-head size (default dim // num_heads)"),
+        "qk_norm": (bool, "global: normalize q and k"),
+    },
+}
+
+
+def attention_kwargs_config(kind: str = "lm"):
+  """``model.attention_kwargs`` for the configs of ``kind`` ("lm" or "vit"): every entry of
+  :data:`ATTENTION_KWARGS` ``[kind]`` as a typed ``None`` placeholder (unset: not passed, see
+  :func:`model_config`), so that it can be set on the command line, e.g.
+  ``--config.model.attention_kwargs.kernel_size=5``. A config file may add other arguments."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   from ml_collections.config_dict import placeholder  # pylint: disable=import-outside-toplevel
+  if kind not in ATTENTION_KWARGS:
+    raise ValueError(f"attention_kwargs_config: kind={kind!r}; allowed values: "
+                     f"{sorted(ATTENTION_KWARGS)}")
   ak = ml_collections.ConfigDict()
-  ak.window = placeholder(int)            # sliding_window (required): W keys, query included
-  ak.stride = placeholder(int)            # strided_heads (required): a head sees 1/stride
-  ak.local_window = placeholder(int)      # strided_heads: dense band |i - j| <= this
-  ak.block = placeholder(int)             # strided_heads: tokens per strided shard
-  ak.gate = placeholder(str)              # gated: "elementwise" (default) | "headwise"
-  ak.sinks = placeholder(bool)            # mha family: learned per-head sink logits
-  ak.qk_norm = placeholder(bool)          # mha family: normalize q and k
-  ak.num_shared_heads = placeholder(int)  # moh: always-on heads (default num_heads // 2)
-  ak.top_k = placeholder(int)             # moh: routed heads per token
-  ak.kv_lora_rank = placeholder(int)      # mla: latent size (default 4 * head_dim)
+  for name, (typ, _) in ATTENTION_KWARGS[kind].items():
+    ak[name] = placeholder(typ)
   return ak
 
 
@@ -121,7 +161,38 @@ def model_config(cfg, info) -> dict:
   if kind == "lm" and m.get("vocab_size", 0) < (info.vocab_size or 0):
     raise ValueError(f"model.vocab_size={m.get('vocab_size')} is smaller than the dataset's "
                      f"vocab_size={info.vocab_size}")
+  if kind == "vit":
+    _check_vit_against_data(m, info)
   return {k: v for k, v in m.items() if v is not None or k in ("num_kv_heads", "head_dim")}
+
+
+def _check_vit_against_data(m: dict, info):
+  """``model.num_classes`` must cover the dataset's labels (a label >= num_classes makes the
+  cross-entropy NaN), and ``model.image_size`` / ``model.in_channels`` must match its images."""
+  n_data = getattr(info, "num_classes", None)
+  n = m.get("num_classes")
+  if n_data and isinstance(n, int) and n < n_data:
+    raise ValueError(
+        f"model.num_classes={n} is smaller than the {n_data} classes of data.name="
+        f"{info.name!r} (labels 0..{n_data - 1}; a label >= {n} makes the loss NaN). Leave "
+        f"model.num_classes unset (None: taken from the dataset) or set it to at least {n_data}.")
+  shape = getattr(info, "image_shape", None)
+  if not shape:
+    return
+  size = m.get("image_size")
+  if size is not None:
+    pair = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    if pair != tuple(shape[:2]):
+      raise ValueError(
+          f"model.image_size={size!r} does not match the {shape[0]}x{shape[1]} images of "
+          f"data.name={info.name!r}; leave model.image_size unset (None: taken from the dataset) "
+          f"or set it to {shape[0] if shape[0] == shape[1] else tuple(shape[:2])}.")
+  ch = m.get("in_channels")
+  if ch is not None and ch != shape[2]:
+    raise ValueError(
+        f"model.in_channels={ch} does not match the {shape[2]} channel(s) of data.name="
+        f"{info.name!r}; leave model.in_channels unset (None: taken from the dataset) or set it "
+        f"to {shape[2]}.")
 
 
 class _Timer:
@@ -372,10 +443,16 @@ def run(cfg, workdir: str, *, resume: bool = False, resume_step: int | None = No
         sums["aux"] /= len(ms)
         rec = steps_lib.summarize(kind, sums, bpt)
         if not np.isfinite(rec["loss"]):
-          raise FloatingPointError(
-              f"train loss is {rec['loss']} at step {done}; stopping before it is "
-              f"checkpointed (checkpoints so far: {ckpt.all_steps()}). Lower optim.lr or "
-              f"raise optim.warmup_steps, then --resume or start a new --workdir.")
+          raise NonFiniteLossError(
+              f"train loss is {rec['loss']} at step {done} (mean of steps "
+              f"{done - len(ms) + 1}..{done}); stopped before it is checkpointed (checkpoints "
+              f"so far: {ckpt.all_steps() or 'none'}). Likely causes: targets outside the "
+              f"model's outputs (a config that does not match the data, e.g. "
+              f"model.num_classes / model.vocab_size smaller than the dataset's), non-finite "
+              f"inputs from a custom dataset, a learning rate too high for this model "
+              f"(optim.lr, optim.warmup_steps, optim.grad_clip) or a low-precision overflow "
+              f"(model.dtype). To locate the first non-finite value, rerun with "
+              f"JAX_DEBUG_NANS=True. Fix the cause, then --resume or start a new --workdir.")
         rec["grad_norm"] = float(ms[-1]["grad_norm"])
         rec["lr"] = float(ms[-1]["lr"])
         dt = timer.lap()

@@ -345,11 +345,39 @@ def test_idx_reader(tmp_path):
   _write_idx(tmp_path / "b", b, 0x0D)
   np.testing.assert_array_equal(data.read_idx(str(tmp_path / "b")), b)
   (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04rest")
-  with pytest.raises(ValueError, match="not an IDX"):
+  with pytest.raises(ValueError, match="not a valid IDX file: bad magic number"):
     data.read_idx(str(tmp_path / "bad"))
   (tmp_path / "short").write_bytes(bytes([0, 0, 8, 1]) + np.asarray([10], ">u4").tobytes() + b"x")
-  with pytest.raises(ValueError, match="data bytes"):
+  with pytest.raises(ValueError, match=r"short is not a valid IDX file: .*shape \(10,\).*10 data "
+                     r"bytes, but the file has 1 data bytes \(truncated\?\)"):
     data.read_idx(str(tmp_path / "short"))
+
+
+@pytest.mark.parametrize("payload,match", [
+    # the header declares 3 dimensions (16 bytes) but the file ends inside it
+    (bytes([0, 0, 8, 3, 0]), r"declares 3 dimension\(s\), a 16-byte header, but the file has "
+     r"only 5 bytes"),
+    (bytes([0, 0, 8, 2]) + np.asarray([2, 3], ">u4").tobytes() + bytes(7),
+     r"shape \(2, 3\).*6 data bytes, but the file has 7 data bytes \(trailing bytes\)"),
+])
+def test_idx_reader_truncated_or_padded_files_say_what_is_wrong(tmp_path, payload, match):
+  """A truncated IDX header raised numpy's "buffer size must be a multiple of element size"."""
+  path = tmp_path / "x-idx3-ubyte"
+  path.write_bytes(payload)
+  with pytest.raises(ValueError, match=rf"{path} is not a valid IDX file: .*{match}"):
+    data.read_idx(str(path))
+
+
+def test_idx_reader_truncated_gzip(tmp_path):
+  """A cut-off .gz download raised EOFError from gzip."""
+  a = np.random.default_rng(2).integers(0, 256, size=(4, 6, 6)).astype(np.uint8)
+  full = tmp_path / "full-idx3-ubyte.gz"
+  _write_idx(full, a, 0x08)
+  cut = tmp_path / "cut-idx3-ubyte.gz"
+  cut.write_bytes(full.read_bytes()[:-12])
+  with pytest.raises(ValueError, match=rf"{cut} is not a valid IDX file: the gzip stream is "
+                     r"corrupt or truncated"):
+    data.read_idx(str(cut))
 
 
 def test_fashion_mnist_idx_source(tmp_path):

@@ -172,6 +172,19 @@ def test_vit_grid_constraints_are_checked_at_construction():
   assert [b.attn.shift_size for b in swin.blocks] == [(0, 0), (2, 2)]  # 8x8 grid, window 4
 
 
+def test_vit_heads_not_dividing_dim_names_the_model_options():
+  """The error named MultiHeadAttention's in_features (or a grid layer's internals), not the
+  ViT's dim / num_heads; global attention with an explicit head_dim stays allowed."""
+  for attention in ("global", "neighborhood", "channel"):
+    with pytest.raises(ValueError, match=r"ViT dim=32 is not divisible by num_heads=5 "
+                       r"\(model.dim / model.num_heads.*e.g. 4 or 8\)") as err:
+      ViT(attention=attention, **{**VIT_KW, "dim": 32, "num_heads": 5}, rngs=rngs(0))
+    assert "in_features" not in str(err.value)
+  m = ViT(attention="global", attention_kwargs={"head_dim": 8},
+          **{**VIT_KW, "dim": 30, "num_heads": 4, "depth": 1}, rngs=rngs(0))
+  assert m.blocks[0].attn.head_dim == 8
+
+
 def _n_params(m):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
 

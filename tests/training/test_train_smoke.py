@@ -184,3 +184,18 @@ def test_readme_sliding_window_command_parses(tmp_path):
   cfg = train.parse_args(["train.py", "--config", str(th.CONFIGS / "lm_tiny.py"),
                           "--workdir", str(tmp_path)] + flags)[0]
   assert cfg.model.attention == "sliding_window" and cfg.model.attention_kwargs.window > 0
+
+
+@pytest.mark.slow   # compiles a train step (~10-40 s on a loaded 2-core CPU)
+def test_non_finite_loss_names_the_likely_causes(tmp_path):
+  """A diverging run stops with NonFiniteLossError (a FloatingPointError) whose message lists
+  config mismatches next to the learning rate, and nothing is checkpointed."""
+  from attnjax.training.loop import NonFiniteLossError  # pylint: disable=import-outside-toplevel
+  over = dict(th.TINY_VIT, **{"mesh.num_devices": 1, "num_steps": 2, "log_every": 2,
+                              "optim.lr": 1e30, "optim.warmup_steps": 0,
+                              "eval_at_start": False})
+  with pytest.raises(NonFiniteLossError, match=r"train loss is (nan|inf|-inf) at step 2.*"
+                     r"model.num_classes / model.vocab_size.*optim.lr.*JAX_DEBUG_NANS") as e:
+    train.main(th.argv("vit_tiny", tmp_path, over))
+  assert isinstance(e.value, FloatingPointError)
+  assert "checkpoints so far: none" in str(e.value)
