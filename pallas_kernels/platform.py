@@ -31,8 +31,15 @@ def _jitted(platform: str, what: str):
   return jax.jit(lambda x: _needs_platform_p.bind(x, platform=platform, what=what))
 
 
-# Eager use: run through jit so the lowering rule decides, as it does under jit.
-_needs_platform_p.def_impl(lambda x, *, platform, what: _jitted(platform, what)(x))
+def _impl(x, *, platform, what):
+  # Eager use: run through jit so the lowering rule decides, as it does under jit. Under
+  # jax.disable_jit() that jit would run its body eagerly, i.e. this impl again, forever: turn
+  # disable_jit off for it (as pallas_call does for itself).
+  with jax.disable_jit(False):
+    return _jitted(platform, what)(x)
+
+
+_needs_platform_p.def_impl(_impl)
 batching.primitive_batchers[_needs_platform_p] = (
     lambda args, dims, **kw: (_needs_platform_p.bind(*args, **kw), dims[0]))
 ad.primitive_jvps[_needs_platform_p] = (
@@ -51,15 +58,20 @@ def _raise(ctx, x, *, platform, what):
   raise ValueError(_message(what, platform, ctx.module_context.platforms))
 
 
-def _ok(ctx, x, **_):
-  del ctx
-  return [x]
+def _rule_for(lowering: str):
+  """The lowering rule on ``lowering``: a no-op for the kernel platform that lowers there (a
+  TPU kernel lowered for "tpu"), the error for every other (a TPU kernel lowered for "cuda")."""
+  def rule(ctx, x, *, platform, what):
+    if lowering in _LOWERING[platform]:
+      return [x]
+    return _raise(ctx, x, platform=platform, what=what)
+  return rule
 
 
 mlir.register_lowering(_needs_platform_p, _raise)
-for _hw, _names in _LOWERING.items():
+for _names in _LOWERING.values():
   for _name in _names:
-    mlir.register_lowering(_needs_platform_p, _ok, platform=_name)
+    mlir.register_lowering(_needs_platform_p, _rule_for(_name), platform=_name)
 
 
 def require_platform(x, platform: str, what: str):

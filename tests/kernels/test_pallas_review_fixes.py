@@ -467,3 +467,27 @@ def test_decode_pads_cache_to_smallest_sufficient_size():
                              rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(lse, (m[..., 0] + np.log(p.sum(-1))).transpose(0, 2, 1),
                              rtol=2e-5, atol=2e-5)
+
+
+def test_platform_check_under_disable_jit_and_across_accelerators():
+  """The platform check (pallas_kernels.platform) ran its eager impl through jax.jit, which under
+  jax.disable_jit() re-entered the impl forever (RecursionError); and lowering a kernel for the
+  *other* accelerator passed the check (a TPU kernel lowered for CUDA got Pallas' internal
+  error). Now: the named ValueError in both cases; the kernel's own platform lowers."""
+  from pallas_kernels import platform as plat  # pylint: disable=import-outside-toplevel
+  x = jnp.arange(4.0)
+  with jax.disable_jit():
+    with pytest.raises(ValueError, match="interpret=False"):
+      plat.require_platform(x, "tpu", "the TPU flash kernel")
+  for kernel, lowering in (("tpu", "tpu"), ("gpu", "cuda")):   # its own platform: a no-op
+    text = jax.jit(lambda x, k=kernel: plat.require_platform(x, k, "k") * 2).trace(x).lower(
+        lowering_platforms=(lowering,)).as_text()
+    assert "multiply" in text and "pallas_kernels_needs_platform" not in text
+  with pytest.raises(ValueError, match=r"compiled for TPU \(Mosaic\), but it is being lowered "
+                                       r"for cuda"):
+    jax.jit(lambda x: plat.require_platform(x, "tpu", "k")).trace(x).lower(
+        lowering_platforms=("cuda",))
+  with pytest.raises(ValueError, match=r"compiled for GPU \(Triton\), but it is being lowered "
+                                       r"for tpu"):
+    jax.jit(lambda x: plat.require_platform(x, "gpu", "k")).trace(x).lower(
+        lowering_platforms=("tpu",))
