@@ -82,3 +82,25 @@ def test_decode_checks_the_cache_and_the_number_of_tokens():
   long = jnp.asarray(np.random.default_rng(4).standard_normal((2, 9, 16)), jnp.float32)
   with pytest.raises(ValueError, match="9 new tokens do not fit the KV cache: it holds 8"):
     layer.decode(long, layer.init_cache(2, (8,)), (8,))
+
+
+def test_decode_with_a_batch_split_cache_under_an_explicit_mesh():
+  """``init_cache(..., batch_axis="data")``: the cache is split over the data axis (each replica
+  holds its own examples' keys/values) and decoding still equals the parallel forward."""
+  if len(jax.devices()) < 2:
+    pytest.skip("needs 2 devices (tests/conftest.py simulates 8)")
+  grid = (9,)
+  layer = NeighborhoodAttention1D(16, 2, kernel_size=3, is_causal=True, rngs=nnx.Rngs(3))
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((2, 9, 16)), jnp.float32)
+  want = np.asarray(layer(x))
+  mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  P = jax.sharding.PartitionSpec
+  with jax.set_mesh(mesh):
+    cache = layer.init_cache(2, grid, batch_axis="data")
+    assert all(tuple(jax.typeof(a).sharding.spec)[0] == "data" for a in jax.tree.leaves(cache))
+    xs = jax.sharding.reshard(x, P("data"))
+    y0, cache = layer.decode(xs[:, :4], cache, grid)
+    y1, cache = nnx.jit(lambda m, t, c: m.decode(t, c, grid))(layer, xs[:, 4:], cache)
+    assert all(tuple(jax.typeof(a).sharding.spec)[0] == "data" for a in jax.tree.leaves(cache))
+  got = np.concatenate([np.asarray(y0), np.asarray(y1)], axis=1)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
