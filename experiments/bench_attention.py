@@ -24,23 +24,9 @@ measures, for every attnjax backend in ``--impl`` and every peer in ``--peers``:
   ``reference`` backend for T <= ``--ref-max-t``, else the first attnjax backend measured), so a
   peer that expresses the mask differently would show up.
 
-Peers (each used only when importable):
-
-* ``jax_nn``: ``jax.nn.dot_product_attention(implementation="xla")`` -- causal via ``is_causal``,
-  sliding window via ``local_window_size=(left, right)``, neighborhood via an explicit boolean
-  ``[1, 1, T, T]`` mask passed as an argument (its bytes are an input, not temp memory).
-* ``tokamax``: ``tokamax.dot_product_attention(implementation="xla_chunked")``, same mapping.
-* ``torch_sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on CPU -- ``is_causal`` for
-  causal, a boolean ``attn_mask`` for the others.
-* ``torch_flex``: ``torch.nn.attention.flex_attention.flex_attention`` with a ``create_block_mask``
-  block mask built from a mask_mod equal to the attnjax mask, compiled with ``torch.compile`` when
-  that works (else eager; the label says which). PyTorch 2.13 has no CPU backward for flex.
-* ``jax_nn_cudnn`` (GPU only): ``jax.nn.dot_product_attention(implementation="cudnn")`` in
-  bfloat16, same mask mapping as ``jax_nn``; if cuDNN rejects the explicit neighborhood mask the
-  row says "skipped" with cuDNN's reason.
-* ``splash`` (TPU only): ``jax.experimental.pallas.ops.tpu.splash_attention.make_splash_mha`` with
-  ``CausalMask`` / ``LocalMask`` / ``NumpyMask`` (neighborhood) in a ``MultiHeadMask``.
-  On other platforms these two rows read "skipped (needs a GPU/TPU ...)".
+Peers (each used only when importable; ``bench_peers.py`` says how each expresses the masks):
+``jax_nn``, ``tokamax``, ``torch_sdpa``, ``torch_flex``, ``jax_nn_cudnn`` (GPU only), ``splash``
+(TPU only); off their hardware the last two rows read "skipped (needs a GPU/TPU ...)".
 
 Pallas backends: ``--impl pallas_gpu`` / ``pallas_tpu`` (or ``pallas_gpu:BQxBK`` for
 ``PallasBackend(platform, BQ, BK)``). Off their hardware the kernels run in interpret mode; the
@@ -80,60 +66,30 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import datetime
-import importlib
-import importlib.metadata
-import io
-import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
-import warnings
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import attnjax
-from attnjax import masks as masks_lib
-from attnjax.backends.chunked import ChunkedBackend
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_peers_hw as hw  # noqa: E402
-from bench_common import (cores as _cores, cpu_model as _cpu_model, float_at_least,  # noqa: E402
-                          int_at_least, nonnegative_int, positive_int)
+from bench_common import (MIB, cores as _cores, float_at_least, meminfo_kib,  # noqa: E402
+                          nonnegative_int, positive_int, rss_reset, short_error, status_bytes)
+from bench_peers import (ALL_PEERS, MaskCase, impl_labels, import_torch,  # noqa: E402
+                         make_mask_case, make_runners, torch_dtype)
+from bench_report import (PassResult, Row, compute_ratios, machine_lines,  # noqa: E402
+                          render_csv, render_markdown)
 
-MIB = 1024.0 * 1024.0
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384]
 QUICK_LENGTHS = [1024]
 ALL_MASKS = ["causal", "sliding", "neighborhood"]
-ALL_PEERS = ["jax_nn", "tokamax", "torch_sdpa", "torch_flex", "jax_nn_cudnn", "splash"]
-
-
-def peer_label(peer: str, args) -> str:
-  """The impl label (table rows, ``--ratio-base``) of a ``--peers`` entry."""
-  if peer == "torch_flex":
-    return "torch_flex(compiled)" if args.flex_compile == "on" else "torch_flex(eager)"
-  return {"jax_nn": "jax.nn(xla)", "tokamax": "tokamax(xla_chunked)",
-          "jax_nn_cudnn": "jax.nn(cudnn)"}.get(peer, peer)
-
-
-def impl_labels(args) -> list[str]:
-  """The impl labels of a run's rows, in table order (``--impl`` then ``--peers``)."""
-  out = []
-  for spec in args.impl:
-    if spec == "chunked" or spec.startswith("chunked:"):
-      out.append(_chunked_backend(spec, args)[1])
-    else:
-      out.append(spec)
-  return out + [peer_label(p, args) for p in args.peers]
 
 
 # ------------------------------------------------------------------------------------ options
@@ -227,7 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.threads is None:
     args.threads = _cores()
   if args.max_memory_gib is None:
-    args.max_memory_gib = 0.7 * _meminfo_kib("MemAvailable") / MIB
+    args.max_memory_gib = 0.7 * meminfo_kib("MemAvailable") / MIB
   args.lengths = sorted(set(args.lengths))
   refusal = hw.interpret_refusal(args.impl, args.allow_interpret)
   if refusal:
@@ -240,480 +196,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-# ----------------------------------------------------------------------------- machine facts
-def _meminfo_kib(field: str) -> float:
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith(field + ":"):
-          return float(line.split()[1])
-  except OSError:
-    pass
-  return 8 * 1024 * 1024.0
-
-
-def _version(dist_name: str) -> str | None:
-  """Installed version of a distribution, without importing it (torch imports slowly)."""
-  try:
-    return importlib.metadata.version(dist_name)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
-def _git_rev() -> str:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  try:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                         text=True, timeout=10).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, timeout=10).stdout.strip()
-    return (rev + ("+dirty" if dirty else "")) or "?"
-  except Exception:  # noqa: BLE001
-    return "?"
-
-
-def machine_lines(args) -> list[str]:
-  load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-  torch_v, tok_v = _version("torch"), _version("tokamax")
-  devs = ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()}))
-  return [
-      f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-      f"- CPU: {_cpu_model()}; {_cores()} cores usable (os.cpu_count()={os.cpu_count()}); "
-      f"RAM {_meminfo_kib('MemTotal') / MIB:.1f} GiB; load average at start "
-      + " ".join(f"{x:.2f}" if isinstance(x, float) else str(x) for x in load),
-      f"- python {platform.python_version()}; jax {jax.__version__} "
-      f"(jaxlib {_version('jaxlib')}, devices: {devs}); attnjax {attnjax.__version__} "
-      f"(git {_git_rev()}); torch {torch_v or 'not installed'}; "
-      f"tokamax {tok_v or 'not installed'}",
-      f"- threads: XLA uses the {_cores()} cores of the process affinity; torch.set_num_threads"
-      f"({args.threads}); XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or '(unset)'}",
-      f"- problem: B={args.batch}, H={args.heads}, D={args.head_dim}, {args.dtype}; "
-      f"sliding window = masks.sliding_window({args.window}, 0); neighborhood kernel "
-      f"{args.nb_kernel} on a {args.nb_grid} 2-D grid; chunked at T={max(args.lengths)}: "
-      f"{_chunked_plans(args)}",
-      f"- timing: median of {args.repeats} calls after max(1, {args.warmup}) warm-up call(s)"
-      + (" (interleaved: one call of every case of a length per round; ratios also paired "
-         "per round)" if args.interleave else " (back to back per case)") + "; "
-      + (f"each JAX sample = {calls_per_sample(args)} calls dispatched back to back, "
-         "synchronized once; " if calls_per_sample(args) > 1 else "")
-      + f"max {args.max_seconds_per_case:g} s per case; memory limit "
-      f"{args.max_memory_gib:.1f} GiB; errors vs attnjax reference for T <= {args.ref_max_t}",
-  ]
-
-
-def _rss_reset() -> int | None:
-  """Reset the peak-RSS counter (Linux clear_refs) and return the current RSS in bytes."""
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    return _status_bytes("VmRSS")
-  except OSError:
-    return None
-
-
-def _status_bytes(field: str) -> int | None:
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith(field + ":"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return None
-
-
-# ------------------------------------------------------------------------------------- masks
-@dataclasses.dataclass
-class MaskCase:
-  kind: str          # causal | sliding | neighborhood
-  label: str
-  T: int
-  mask: Any          # attnjax mask
-  grid: tuple | None = None
-  _dense: np.ndarray | None = None
-  _visible: int | None = None
-
-  def visible(self) -> int:
-    """Exact count of visible (query, key) pairs (block map + partial blocks; no [T, T])."""
-    if self._visible is None:
-      self._visible = hw.visible_pairs(self.mask, self.T)
-    return self._visible
-
-  def dense(self) -> np.ndarray:
-    """[T, T] bool, True = visible (for peers that need an explicit mask)."""
-    if self._dense is None:
-      T = self.T
-      if self.kind == "causal":
-        self._dense = np.tri(T, T, dtype=bool)
-      elif self.kind == "sliding":
-        left = self.mask.left
-        self._dense = np.tri(T, T, dtype=bool) & ~np.tri(T, T, -left - 1, dtype=bool)
-      else:
-        pos = np.arange(T)
-        self._dense = self.mask.dense_np(pos, pos)
-    return self._dense
-
-
-def _near_square(T: int) -> tuple[int, int]:
-  r = math.isqrt(T)
-  while T % r:
-    r -= 1
-  return r, T // r
-
-
-def make_mask_case(kind: str, T: int, args) -> MaskCase | tuple[str, int, str]:
-  """A MaskCase, or (label, T, reason) when the mask can't be built at this T."""
-  if kind == "causal":
-    return MaskCase("causal", "causal", T, masks_lib.causal())
-  if kind == "sliding":
-    return MaskCase("sliding", f"sliding({args.window},0)", T,
-                    masks_lib.sliding_window(args.window, 0))
-  if args.nb_grid == "square":
-    s = math.isqrt(T)
-    grid = (s, s)
-  else:
-    grid = _near_square(T)
-  label = f"neighborhood {grid[0]}x{grid[1]} k{args.nb_kernel}"
-  if args.nb_kernel > min(grid):
-    return (label, grid[0] * grid[1],
-            f"kernel {args.nb_kernel} exceeds the grid side {min(grid)}")
-  return MaskCase("neighborhood", label, grid[0] * grid[1],
-                  masks_lib.neighborhood(grid, args.nb_kernel), grid)
-
-
-# ------------------------------------------------------------------------------------ impls
-@dataclasses.dataclass
-class Runner:
-  label: str
-  family: str                           # attnjax | jax | torch
-  # JAX: fn(q, k, v, *extra) -> out and extra args; torch: fn(q, k, v) -> out
-  build: Callable[[MaskCase], tuple[Callable, tuple, str]] | None = None
-  unavailable: str | None = None        # reason this runner can't run at all
-  backward: bool = True                 # False: fwd+bwd "n/a"
-  backward_note: str = ""
-  mem_estimate: Callable[[MaskCase, bool], float] | None = None  # torch: bytes
-  skip_errors_for: tuple = ()           # mask kinds whose errors read "skipped (unsupported)"
-  # called once per sequence length, before any case of that length is built (torch.compile:
-  # clear the compile cache of the previous length)
-  prepare_length: Callable[[], None] | None = None
-  # a counter of compilations made so far (torch.compile): a timed call that moves it compiled
-  # inside the timed rounds; such cases also get one more warm-up call just before the rounds
-  compile_count: Callable[[], int] | None = None
-
-
-def _chunked_plans(args) -> str:
-  """How each ``chunked`` impl of ``--impl`` computes each mask at the longest length (tiles
-  or a band)."""
-  T = max(args.lengths)
-  out = []
-  for spec in args.impl:
-    if spec != "chunked" and not spec.startswith("chunked:"):
-      continue
-    impl, label = _chunked_backend(spec, args)
-    plans = []
-    for kind in args.masks:
-      case = make_mask_case(kind, T, args)
-      if isinstance(case, tuple):
-        continue
-      x = jax.ShapeDtypeStruct((args.batch, case.T, args.heads, args.head_dim), args.dtype)
-      p = attnjax.build_problem(x, x, x, mask=case.mask)
-      plans.append(f"{case.label}: {impl.describe(p)}")
-    out.append(f"{label} ({'; '.join(plans)})")
-  return "; ".join(out) or "not measured"
-
-
-def _chunked_backend(spec: str, args):
-  """``(ChunkedBackend, label)`` for ``--impl chunked`` or ``chunked:BQxBK``."""
-  if spec == "chunked":
-    label = "chunked"
-    if (args.block_q, args.block_kv) != (None, None):
-      label = f"chunked:{args.block_q or 'auto'}x{args.block_kv or 'auto'}"
-    return ChunkedBackend(args.block_q, args.block_kv), label
-  try:
-    bq, bk = (int(x) for x in spec.split(":", 1)[1].lower().split("x"))
-  except ValueError:
-    raise SystemExit(f"--impl {spec!r}: expected chunked:BQxBK, e.g. chunked:128x512")
-  return ChunkedBackend(bq, bk), spec
-
-
-def attnjax_runner(spec: str, args) -> Runner:
-  if spec == "chunked" or spec.startswith("chunked:"):
-    impl, label = _chunked_backend(spec, args)
-  elif hw.pallas_platform(spec) and ":" in spec:
-    from attnjax.backends.pallas import PallasBackend
-    try:
-      bq, bk = (int(x) for x in spec.split(":", 1)[1].lower().split("x"))
-    except ValueError:
-      raise SystemExit(f"--impl {spec!r}: expected pallas_gpu:BQxBK, e.g. pallas_gpu:128x64")
-    impl, label = PallasBackend(hw.pallas_platform(spec), bq, bk), spec
-  else:
-    impl, label = spec, spec
-    if spec not in attnjax.available_backends():
-      return Runner(label, "attnjax", unavailable=f"backend {spec!r} is not registered "
-                    f"(available: {', '.join(sorted(attnjax.available_backends()))})")
-
-  plat = hw.pallas_platform(spec)
-  note = ("INTERPRET MODE (--allow-interpret): timings are not performance"
-          if plat and plat != jax.default_backend() else "")
-
-  def build(mc: MaskCase):
-    def fn(q, k, v):
-      return attnjax.attention(q, k, v, mask=mc.mask, impl=impl)
-    return fn, (), note
-  return Runner(label, "attnjax", build)
-
-
-def jax_nn_runner() -> Runner:
-  def build(mc: MaskCase):
-    kw = {}
-    extra, note = (), ""
-    if mc.kind == "causal":
-      kw["is_causal"] = True
-      note = "is_causal=True"
-    elif mc.kind == "sliding":
-      kw["local_window_size"] = (mc.mask.left, mc.mask.right)
-      note = f"local_window_size=({mc.mask.left}, {mc.mask.right}), dense compute"
-    else:
-      extra = (jnp.asarray(mc.dense())[None, None],)
-      note = "explicit [T,T] bool mask input"
-
-    def fn(q, k, v, *m):
-      return jax.nn.dot_product_attention(q, k, v, mask=m[0] if m else None,
-                                          implementation="xla", **kw)
-    return fn, extra, note
-  return Runner(peer_label("jax_nn", None), "jax", build)
-
-
-def tokamax_runner() -> Runner:
-  try:
-    tokamax = importlib.import_module("tokamax")
-  except Exception as e:  # noqa: BLE001
-    return Runner(peer_label("tokamax", None), "jax",
-                  unavailable=f"tokamax not importable ({type(e).__name__})")
-
-  # tokamax reads its absl flags lazily and then parses sys.argv, which fails on this script's
-  # own options ("Unknown command line flag"): mark absl flags as parsed (defaults) first.
-  from absl import flags as absl_flags
-  if not absl_flags.FLAGS.is_parsed():
-    absl_flags.FLAGS.mark_as_parsed()
-
-  def build(mc: MaskCase):
-    kw, extra, note = {}, (), ""
-    if mc.kind == "causal":
-      kw["is_causal"] = True
-      note = "is_causal=True"
-    elif mc.kind == "sliding":
-      kw["local_window_size"] = (mc.mask.left, mc.mask.right)
-      note = f"local_window_size=({mc.mask.left}, {mc.mask.right}), no block skipping"
-    else:
-      extra = (jnp.asarray(mc.dense())[None, None],)
-      note = "explicit [T,T] bool mask input"
-
-    def fn(q, k, v, *m):
-      return tokamax.dot_product_attention(q, k, v, mask=m[0] if m else None,
-                                           implementation="xla_chunked", **kw)
-    return fn, extra, note
-  return Runner(peer_label("tokamax", None), "jax", build)
-
-
-def _torch():
-  import torch
-  return torch
-
-
-def torch_sdpa_runner(args) -> Runner:
-  try:
-    torch = _torch()
-  except Exception as e:  # noqa: BLE001
-    return Runner("torch_sdpa", "torch", unavailable=f"torch not importable ({type(e).__name__})")
-  import torch.nn.functional as F
-
-  def build(mc: MaskCase):
-    if mc.kind == "causal":
-      def fn(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-      return fn, (), "is_causal=True"
-    m = torch.from_numpy(mc.dense())
-
-    def fn(q, k, v):
-      return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
-    return fn, (), "boolean attn_mask [T,T]"
-
-  def mem(mc: MaskCase, backward: bool) -> float:
-    b, h, t, d = args.batch, args.heads, mc.T, args.head_dim
-    dt = _torch_dtype(args.dtype)
-    q = torch.empty(b, h, t, d, dtype=dt, requires_grad=backward)
-    m = None if mc.kind == "causal" else torch.empty(t, t, dtype=torch.bool)
-    try:
-      choice = int(torch._fused_sdp_choice(q, q, q, m, 0.0, mc.kind == "causal"))
-    except Exception:  # noqa: BLE001
-      choice = 0
-    if choice == 0:   # math fallback materializes [B, H, T, T]
-      return b * h * t * t * 4.0 * (4 if backward else 2)
-    return 8.0 * b * h * t * d * 4
-  return Runner("torch_sdpa", "torch", build, mem_estimate=mem)
-
-
-def _torch_flex_mask_mod(mc: MaskCase):
-  torch = _torch()
-  if mc.kind == "causal":
-    def mod(b, h, qi, ki):
-      return qi >= ki
-  elif mc.kind == "sliding":
-    left, right = mc.mask.left, mc.mask.right
-
-    def mod(b, h, qi, ki):
-      return (ki >= qi - left) & (ki <= qi + right)
-  else:
-    (rows, cols), kern = mc.grid, mc.mask.kernel_size[0]
-    # NATTEN, dilation 1, stride 1, non-causal: window of kern keys per axis centred on the
-    # query (kern//2 left), shifted inward at the borders.
-    half = kern // 2
-
-    def mod(b, h, qi, ki):
-      qr, qc = qi // cols, qi % cols
-      kr, kc = ki // cols, ki % cols
-      r0 = torch.clamp(qr - half, 0, rows - kern)
-      c0 = torch.clamp(qc - half, 0, cols - kern)
-      return (kr >= r0) & (kr < r0 + kern) & (kc >= c0) & (kc < c0 + kern)
-  return mod
-
-
-def torch_flex_runner(args) -> Runner:
-  label = peer_label("torch_flex", args)
-  try:
-    _torch()
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-  except Exception as e:  # noqa: BLE001
-    return Runner(label, "torch", unavailable=f"torch flex_attention not importable "
-                  f"({type(e).__name__})")
-
-  def build(mc: MaskCase):
-    torch = _torch()
-    bm = create_block_mask(_torch_flex_mask_mod(mc), None, None, mc.T, mc.T, device="cpu")
-    note = f"block mask {bm.BLOCK_SIZE[0]}x{bm.BLOCK_SIZE[1]}, sparsity {bm.sparsity():.0f}%"
-    if args.flex_compile == "on":
-      # No torch._dynamo.reset() here: it would drop the compiled code of the cases of this
-      # length built before, which would then recompile in their first timed call
-      # (prepare_length resets once per length, before any case is built).
-      compiled = torch.compile(flex_attention, dynamic=False)
-      fallback = {}
-
-      def fn(q, k, v):
-        if not fallback:
-          try:
-            return compiled(q, k, v, block_mask=bm)
-          except NotImplementedError:
-            raise
-          except Exception as e:  # noqa: BLE001 - inductor/compiler failure: run eager
-            fallback["why"] = f"torch.compile failed ({_short(e, 80)}); ran eager"
-        return _flex_eager(q, k, v, bm)
-      fn.fallback = fallback
-      return fn, (), note
-
-    def fn(q, k, v):
-      return _flex_eager(q, k, v, bm)
-    return fn, (), note
-
-  def _flex_eager(q, k, v, bm):
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")   # "flex_attention called without torch.compile"
-      return flex_attention(q, k, v, block_mask=bm)
-
-  def mem(mc: MaskCase, backward: bool) -> float:
-    if args.flex_compile == "on":
-      return 8.0 * args.batch * args.heads * mc.T * args.head_dim * 4
-    return args.batch * args.heads * mc.T * mc.T * 4.0 * 3   # eager: dense scores
-
-  compiled_kw = {}
-  if args.flex_compile == "on":
-    compiled_kw = dict(prepare_length=lambda: _flex_prepare_length(len(args.masks)),
-                       compile_count=_torch_compile_count)
-  return Runner(label, "torch", build, backward=False,
-                backward_note="n/a (torch 2.13 flex_attention has no CPU backward)",
-                mem_estimate=mem, **compiled_kw)
-
-
-def _flex_prepare_length(num_cases: int):
-  """Before the flex cases of a new length are built: a fresh dynamo cache (every compiled
-  case of one length then lives in it side by side, none evicting another) with room for all of
-  them, so none falls back to eager or recompiles later."""
-  torch = _torch()
-  torch._dynamo.reset()
-  cfg = torch._dynamo.config
-  name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-  need = 2 * num_cases + 2
-  if getattr(cfg, name, need) < need:
-    setattr(cfg, name, need)
-
-
-def _torch_compile_count() -> int:
-  """Frames dynamo has compiled in this process (a cache hit does not count)."""
-  from torch._dynamo.utils import counters
-  return int(counters["frames"]["total"])
-
-
-def _torch_dtype(name: str):
-  torch = _torch()
-  return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def make_runners(args) -> list[Runner]:
-  runners = [attnjax_runner(s, args) for s in args.impl]
-  for p in args.peers:
-    if p == "jax_nn":
-      runners.append(jax_nn_runner())
-    elif p == "tokamax":
-      runners.append(tokamax_runner())
-    elif p == "torch_sdpa":
-      runners.append(torch_sdpa_runner(args))
-    elif p == "torch_flex":
-      runners.append(torch_flex_runner(args))
-    elif p in ("jax_nn_cudnn", "splash"):
-      label = peer_label(p, args)
-      why, build, skip_kinds = (hw.cudnn_peer if p == "jax_nn_cudnn" else hw.splash_peer)()
-      runners.append(Runner(label, "jax", lambda mc, b=build: b(mc, args), unavailable=why,
-                            skip_errors_for=skip_kinds))
-  labels = [r.label for r in runners]
-  dup = {x for x in labels if labels.count(x) > 1}
-  if dup:
-    raise SystemExit(f"duplicate impl labels {sorted(dup)}")
-  return runners
-
 
 # ------------------------------------------------------------------------------- measurement
-@dataclasses.dataclass
-class PassResult:
-  status: str = "not run"               # ok | skipped (...) | error: ... | n/a ...
-  ms: float | None = None               # median time of one call
-  compile_s: float | None = None       # JAX: lower+compile; torch: not separable (first_s)
-  first_s: float | None = None         # the first (untimed) execution; torch.compile runs here
-  temp_mib: float | None = None
-  rss_mib: float | None = None
-  err: float | None = None
-  repeats: int = 0
-  wall_s: float = 0.0
-  note: str = ""
-  round_s: dict = dataclasses.field(default_factory=dict)   # interleaved: round -> seconds
-  per_sample: int = 1                   # calls per timed sample (--calls-per-sample)
-  timed_compiles: int | None = None     # torch.compile: compilations inside the timed calls
-
-
-@dataclasses.dataclass
-class Row:
-  mask: str
-  kind: str
-  T: int
-  impl: str
-  family: str
-  fwd: PassResult = dataclasses.field(default_factory=PassResult)
-  bwd: PassResult = dataclasses.field(default_factory=PassResult)
-  err_vs: str = ""
-  notes: list = dataclasses.field(default_factory=list)
-  ratios: dict = dataclasses.field(default_factory=dict)
-  flops: float | None = None            # forward FLOPs over visible pairs (hw.attention_flops)
-  tflops: dict = dataclasses.field(default_factory=dict)   # {"fwd", "fwdbwd"}: TFLOP/s
-
 
 def _timed_calls(call, warmup, repeats, budget_s, res: PassResult, defer=None, call_once=None,
                  compile_count=None):
@@ -724,7 +208,7 @@ def _timed_calls(call, warmup, repeats, budget_s, res: PassResult, defer=None, c
   output. With `defer`, the timed calls are not made here: ``defer(call, n)`` hands them to the
   caller's interleaved rounds. ``compile_count`` (a counter of compilations): the compilations
   made during the timed calls go to ``res.timed_compiles``."""
-  base = _rss_reset()
+  base = rss_reset()
   t_start = time.perf_counter()
   first = (call_once or call)()
   t_first = time.perf_counter() - t_start
@@ -753,7 +237,7 @@ def _timed_calls(call, warmup, repeats, budget_s, res: PassResult, defer=None, c
     res.timed_compiles = compile_count() - c0
   res.ms = statistics.median(times) * 1e3
   res.repeats = n
-  peak = _status_bytes("VmHWM")
+  peak = status_bytes("VmHWM")
   if base is not None and peak is not None:
     res.rss_mib = max(peak - base, 0) / MIB
   res.status = "ok"
@@ -815,7 +299,7 @@ def _jax_pass(fn, arrays, extra, ct, backward, args, res: PassResult, limit_byte
 
 def _torch_pass(fn, tensors, ct, backward, args, res: PassResult, defer=None,
                 compile_count=None):
-  torch = _torch()
+  torch = import_torch()
   if backward:
     leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
 
@@ -845,11 +329,6 @@ def _max_err(got, base):
   return float(max(np.max(np.abs(g - b)) for g, b in zip(got, base)))
 
 
-def _short(e: BaseException, n=160) -> str:
-  msg = " ".join(str(e).split())
-  return f"{type(e).__name__}: {msg[:n]}{'...' if len(msg) > n else ''}"
-
-
 class Bench:
   def __init__(self, args):
     self.args = args
@@ -859,7 +338,7 @@ class Bench:
     self.limit_bytes = args.max_memory_gib * 1024 * MIB
     self.dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     if any(r.family == "torch" and not r.unavailable for r in self.runners):
-      _torch().set_num_threads(args.threads)
+      import_torch().set_num_threads(args.threads)
     base = args.ratio_base
     if base is None:
       base = next((r.label for r in self.runners if r.label.startswith("chunked")),
@@ -887,7 +366,7 @@ class Bench:
       grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*arrays, ct)
       return out_np, [np.asarray(g, np.float32) for g in grads]
     except Exception as e:  # noqa: BLE001
-      self.log(f"  reference failed: {_short(e)}")
+      self.log(f"  reference failed: {short_error(e)}")
       return None
 
   def run_mask_case(self, mc: MaskCase):
@@ -912,14 +391,14 @@ class Bench:
       try:
         fn, extra, note = r.build(mc)
       except Exception as e:  # noqa: BLE001
-        row.fwd.status = row.bwd.status = f"error: {_short(e)}"
+        row.fwd.status = row.bwd.status = f"error: {short_error(e)}"
         self.log(f"  {r.label}: build failed\n{traceback.format_exc()}")
         continue
       if note:
         row.notes.append(note)
       if r.family == "torch" and torch_in is None:
-        torch = _torch()
-        tdt = _torch_dtype(args.dtype)
+        torch = import_torch()
+        tdt = torch_dtype(args.dtype)
         torch_in = [torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).to(tdt)
                     for x in (q_np, k_np, v_np, ct_np)]
       passes = [False] if args.no_backward else [False, True]
@@ -959,9 +438,9 @@ class Bench:
                             defer)
         except Exception as e:  # noqa: BLE001
           if mc.kind in r.skip_errors_for:
-            res.status = f"skipped (unsupported here: {_short(e, 100)})"
+            res.status = f"skipped (unsupported here: {short_error(e, 100)})"
           else:
-            res.status = f"error: {_short(e)}"
+            res.status = f"error: {short_error(e)}"
             self.log(traceback.format_exc())
         res.wall_s = time.perf_counter() - t0
         if res.note:
@@ -1017,7 +496,7 @@ class Bench:
       try:
         j["call"]()
       except Exception as e:  # noqa: BLE001
-        j["res"].status = f"error: {_short(e)}"
+        j["res"].status = f"error: {short_error(e)}"
       j["res"].timed_compiles = 0
     rounds = max((j["n"] for j in jobs), default=0)
     for rd in range(rounds):
@@ -1027,18 +506,18 @@ class Bench:
         if rd >= j["n"] or j["res"].status != "ok":
           continue
         res = j["res"]
-        base = _rss_reset()
+        base = rss_reset()
         c0 = j["count"]() if j["count"] is not None else None
         try:
           t0 = time.perf_counter()
           j["call"]()
           res.round_s[rd] = (time.perf_counter() - t0) / res.per_sample
         except Exception as e:  # noqa: BLE001
-          res.status = f"error: {_short(e)}"
+          res.status = f"error: {short_error(e)}"
           continue
         if c0 is not None:
           res.timed_compiles = (res.timed_compiles or 0) + j["count"]() - c0
-        peak = _status_bytes("VmHWM")
+        peak = status_bytes("VmHWM")
         if base is not None and peak is not None:
           res.rss_mib = max(res.rss_mib or 0.0, max(peak - base, 0) / MIB)
     for j in jobs:
@@ -1077,274 +556,6 @@ class Bench:
       on_progress()
 
 
-# ----------------------------------------------------------------------------------- reports
-def compute_ratios(rows: list[Row], base_label: str):
-  by = {(r.kind, r.T, r.impl): r for r in rows}
-  best: dict = {}   # (kind, T, pass) -> best peer TFLOP/s
-  for r in rows:
-    r.tflops = {}
-    for key, res, mult in (("fwd", r.fwd, 1.0), ("fwdbwd", r.bwd, hw.FWDBWD_FACTOR)):
-      if r.flops is not None and res.status == "ok" and res.ms:
-        r.tflops[key] = r.flops * mult / (res.ms * 1e-3) / 1e12
-        if r.family != "attnjax":
-          b = (r.kind, r.T, key)
-          best[b] = max(best.get(b, 0.0), r.tflops[key])
-  for r in rows:
-    base = by.get((r.kind, r.T, base_label))
-    rat = {}
-    if base is not None:
-      rat["fwd_time"] = _ratio(base.fwd.ms, r.fwd.ms)
-      rat["fwdbwd_time"] = _ratio(base.bwd.ms, r.bwd.ms)
-      rat["fwd_time_paired"] = _paired(base.fwd, r.fwd)
-      rat["fwdbwd_time_paired"] = _paired(base.bwd, r.bwd)
-      rat["fwd_temp"] = _ratio(base.fwd.temp_mib, r.fwd.temp_mib)
-      rat["fwdbwd_temp"] = _ratio(base.bwd.temp_mib, r.bwd.temp_mib)
-    causal = by.get(("causal", r.T, r.impl))
-    if causal is not None and r.kind != "causal":
-      rat["vs_causal_fwd"] = _ratio(r.fwd.ms, causal.fwd.ms)
-      rat["vs_causal_fwd_paired"] = _paired(r.fwd, causal.fwd)
-      rat["vs_causal_fwdbwd"] = _ratio(r.bwd.ms, causal.bwd.ms)
-      rat["density_vs_causal"] = _ratio(r.flops, causal.flops)
-    for key in ("fwd", "fwdbwd"):
-      rat[f"vs_best_peer_{key}"] = _ratio(r.tflops.get(key), best.get((r.kind, r.T, key)))
-    r.ratios = rat
-
-
-def _ratio(a, b):
-  if a is None or b is None or b == 0:
-    return None
-  return a / b
-
-
-@dataclasses.dataclass(frozen=True)
-class Paired:
-  """Per-round ratios a/b of two interleaved timings: median and range over the rounds."""
-  median: float
-  lo: float
-  hi: float
-  n: int
-
-
-def _paired(a: PassResult, b: PassResult) -> Paired | None:
-  if a.status != "ok" or b.status != "ok":
-    return None
-  rounds = sorted(set(a.round_s) & set(b.round_s))
-  ratios = [a.round_s[i] / b.round_s[i] for i in rounds if b.round_s[i] > 0]
-  if not ratios:
-    return None
-  return Paired(statistics.median(ratios), min(ratios), max(ratios), len(ratios))
-
-
-def _fmt(x, kind="num"):
-  if x is None:
-    return ""
-  if kind == "err":
-    return f"{x:.1e}"
-  if kind == "ratio":
-    return f"{x:.3g}"
-  if x >= 100:
-    return f"{x:.0f}"
-  return f"{x:.3g}"
-
-
-def _cell(res: PassResult, value, kind="num"):
-  if res.status != "ok" and value is None:
-    return res.status if res.status != "not run" else ""
-  return _fmt(value, kind)
-
-
-COLUMNS = [
-    ("mask", "mask (T is the token count; neighborhood: grid and kernel)"),
-    ("T", "sequence length"),
-    ("impl", "attnjax backend or peer"),
-    ("fwd ms", "forward: median ms per call"),
-    ("fwd+bwd ms", "forward+backward (grad of sum(out*ct) wrt q,k,v): median ms"),
-    ("fwd temp MiB", "XLA compiled temp memory of the forward"),
-    ("fwd+bwd temp MiB", "XLA compiled temp memory of forward+backward"),
-    ("base/this fwd", "ratio-base forward time / this row's forward time"),
-    ("base/this fwd+bwd", "ratio-base fwd+bwd time / this row's"),
-    ("base/this fwd temp", "ratio-base forward temp memory / this row's"),
-    ("base/this fwd+bwd temp", "ratio-base fwd+bwd temp memory / this row's"),
-    ("this/causal fwd", "this row's forward time / same impl's causal forward at the same T"),
-    ("this/causal fwd+bwd", "same for forward+backward"),
-    ("visible/causal", "visible pairs of this mask / of causal at the same T (time "
-     "proportional to density: this/causal fwd ~ visible/causal)"),
-    ("fwd TFLOP/s", "forward FLOPs over visible pairs only / time"),
-    ("fwd+bwd TFLOP/s", "3.5x forward FLOPs (FlashAttention-2 convention) / time"),
-    ("this/best peer fwd", "this row's fwd TFLOP/s / best peer's (non-attnjax) at the same "
-     "mask and T"),
-    ("this/best peer fwd+bwd", "same for forward+backward"),
-    ("err out", "max |out - base out| (base: see 'err vs')"),
-    ("err grads", "max |dq,dk,dv - base| "),
-    ("err vs", "what the errors compare with"),
-    ("notes", "how the mask was expressed, skips, reduced repeats"),
-]
-
-
-def row_cells(r: Row) -> list[str]:
-  rat = r.ratios
-  return [
-      r.mask, str(r.T), r.impl,
-      _cell(r.fwd, r.fwd.ms), _cell(r.bwd, r.bwd.ms),
-      _fmt(r.fwd.temp_mib), _fmt(r.bwd.temp_mib),
-      _fmt(rat.get("fwd_time"), "ratio"), _fmt(rat.get("fwdbwd_time"), "ratio"),
-      _fmt(rat.get("fwd_temp"), "ratio"), _fmt(rat.get("fwdbwd_temp"), "ratio"),
-      _fmt(rat.get("vs_causal_fwd"), "ratio"), _fmt(rat.get("vs_causal_fwdbwd"), "ratio"),
-      _fmt(rat.get("density_vs_causal"), "ratio"),
-      _fmt(r.tflops.get("fwd"), "ratio"), _fmt(r.tflops.get("fwdbwd"), "ratio"),
-      _fmt(rat.get("vs_best_peer_fwd"), "ratio"), _fmt(rat.get("vs_best_peer_fwdbwd"), "ratio"),
-      _fmt(r.fwd.err, "err"), _fmt(r.bwd.err, "err"), r.err_vs,
-      "; ".join(r.notes).replace("|", "/"),
-  ]
-
-
-def targets(rows: list[Row], base_label: str, args) -> list[str]:
-  """Issue 2's targets, evaluated where the run measured them."""
-  by = {(r.kind, r.T, r.impl): r for r in rows}
-  peers = {r.impl for r in rows}
-  tok = next((p for p in peers if p.startswith("tokamax")), "tokamax(xla_chunked)")
-  flex = next((p for p in peers if p.startswith("torch_flex")), "torch_flex")
-  causal_ts = sorted({r.T for r in rows if r.kind == "causal"})
-
-  def pick_t(target):
-    if target in causal_ts or not causal_ts:
-      return target, ""
-    return causal_ts[-1], f" (measured at T={causal_ts[-1]}; the target is stated at T={target})"
-
-  t, t_note = pick_t(args.target_t)
-  tm, tm_note = pick_t(args.target_mem_t)
-  lines = []
-
-  def check(desc, kind, T, peer, field, bound):
-    bound_s = f"1/{round(1 / bound)}" if bound < 0.1 else f"{bound:g}"
-    r = by.get((kind, T, peer))
-    val = r.ratios.get(field) if r is not None else None
-    paired = r.ratios.get(field + "_paired") if r is not None else None
-    if val is None:
-      status = "not measured"
-      if r is not None:
-        why = [x.status for x in (r.fwd, r.bwd) if x.status != "ok"]
-        if why:
-          status += f" ({'; '.join(sorted(set(why)))})"
-      lines.append(f"| {desc} | <= {bound_s} | {status} | |")
-      return
-    if paired is not None and paired.n > 1:
-      # the verdict reads the paired median; a range straddling the bound is flagged
-      val = paired.median
-      shown = (f"{paired.median:.3g} (per-round {paired.lo:.3g} to {paired.hi:.3g}, "
-               f"{paired.n} rounds)")
-      ok = "met" if val <= bound else "NOT met"
-      if paired.lo <= bound < paired.hi:
-        ok += " (range straddles the bound)"
-    else:
-      shown, ok = f"{val:.3g}", ("met" if val <= bound else "NOT met")
-    lines.append(f"| {desc} | <= {bound_s} | {shown} | {ok} |")
-
-  b = base_label
-  lines.append(f"Targets of issue 2 (ratio = {b} / peer; lower is better; time ratios are "
-               f"per-round paired medians when timed interleaved){t_note or tm_note}:")
-  lines.append("")
-  lines.append("| target | bound | measured | |")
-  lines.append("|---|---|---|---|")
-  check(f"causal fwd T={t}: {b} / {tok}", "causal", t, tok, "fwd_time", 0.6)
-  check(f"causal fwd T={t}: {b} / jax.nn(xla)", "causal", t, "jax.nn(xla)", "fwd_time", 0.4)
-  check(f"causal fwd T={t}: {b} / torch_sdpa", "causal", t, "torch_sdpa", "fwd_time", 1.5)
-  check(f"causal fwd+bwd T={t}: {b} / {tok}", "causal", t, tok, "fwdbwd_time", 0.5)
-  check(f"causal fwd+bwd T={t}: {b} / torch_sdpa", "causal", t, "torch_sdpa", "fwdbwd_time",
-        2.5)
-  check(f"sliding fwd T={t}: {b} sliding / {b} causal", "sliding", t, b, "vs_causal_fwd", 0.15)
-  check(f"sliding fwd T={t}: {b} / {flex}", "sliding", t, flex, "fwd_time", 1.5)
-  check(f"causal fwd temp T={tm}: {b} / jax.nn(xla)", "causal", tm, "jax.nn(xla)", "fwd_temp",
-        1 / 50)
-  check(f"causal fwd+bwd temp T={tm}: {b} / jax.nn(xla)", "causal", tm, "jax.nn(xla)",
-        "fwdbwd_temp", 1 / 30)
-  lines += targets_issue3(by, t, t_note)
-  return lines
-
-
-def targets_issue3(by, t, t_note) -> list[str]:
-  """Issue 3 (Pallas on hardware): causal fwd TFLOP/s >= 0.7x the best peer at T=target, and
-  sliding-window time proportional to density ((sliding/causal time) / (sliding/causal visible)
-  = 1 when exactly proportional)."""
-  impls = sorted({i for (_, _, i) in by if hw.pallas_platform(i)})
-  if not impls:
-    return []
-  out = ["", f"Targets of issue 3 (Pallas; meaningful only on the kernel's hardware){t_note}:",
-         "", "| target | bound | measured | |", "|---|---|---|---|"]
-  for i in impls:
-    r = by.get(("causal", t, i))
-    v = r.ratios.get("vs_best_peer_fwd") if r else None
-    out.append(f"| causal fwd T={t}: {i} TFLOP/s / best peer's | >= 0.7 | "
-               + ("not measured | |" if v is None else
-                  f"{v:.3g} | {'met' if v >= 0.7 else 'NOT met'} |"))
-    r = by.get(("sliding", t, i))
-    tr, dr = (r.ratios.get("vs_causal_fwd"), r.ratios.get("density_vs_causal")) if r else (0, 0)
-    v = _ratio(tr, dr)
-    out.append(f"| sliding fwd T={t}: {i} (sliding/causal time) / (sliding/causal visible "
-               f"pairs) | ~1 (proportional) | " + ("not measured | |" if v is None else
-                                                   f"{v:.3g} | |"))
-  return out
-
-
-def render_markdown(rows: list[Row], bench: Bench, header: list[str], elapsed: float) -> str:
-  out = io.StringIO()
-  out.write("# Attention benchmark (experiments/bench_attention.py)\n\n")
-  out.write("\n".join(header) + "\n")
-  out.write(f"- ratio base: `{bench.base_label}`; total run time {elapsed:.0f} s\n")
-  cmd = " ".join(["python", "experiments/bench_attention.py"] + list(bench.args.argv))
-  out.write(f"- command: `{cmd}`\n\n")
-  names = [c[0] for c in COLUMNS]
-  out.write("| " + " | ".join(names) + " |\n")
-  out.write("|" + "|".join("---" for _ in names) + "|\n")
-  for r in rows:
-    out.write("| " + " | ".join(row_cells(r)) + " |\n")
-  out.write("\nColumns: " + "; ".join(f"**{n}**: {d}" for n, d in COLUMNS) + ".\n\n")
-  out.write("\n".join(targets(rows, bench.base_label, bench.args)) + "\n")
-  return out.getvalue()
-
-
-CSV_FIELDS = [
-    "mask", "kind", "T", "impl", "family",
-    "fwd_status", "fwd_ms", "fwd_repeats", "fwd_compile_s", "fwd_first_call_s", "fwd_temp_mib",
-    "fwd_rss_mib", "fwd_err",
-    "fwdbwd_status", "fwdbwd_ms", "fwdbwd_repeats", "fwdbwd_compile_s", "fwdbwd_first_call_s",
-    "fwdbwd_temp_mib", "fwdbwd_rss_mib", "fwdbwd_err", "err_vs",
-    "ratio_base", "base_over_this_fwd_time", "base_over_this_fwdbwd_time",
-    "base_over_this_fwd_temp", "base_over_this_fwdbwd_temp",
-    "this_over_causal_fwd_time", "this_over_causal_fwdbwd_time", "visible_over_causal",
-    "fwd_flops", "fwd_tflops", "fwdbwd_tflops", "this_over_best_peer_fwd_tflops",
-    "this_over_best_peer_fwdbwd_tflops",
-    "paired_base_over_this_fwd_time", "paired_base_over_this_fwd_time_lo",
-    "paired_base_over_this_fwd_time_hi", "paired_base_over_this_fwdbwd_time",
-    "paired_base_over_this_fwdbwd_time_lo", "paired_base_over_this_fwdbwd_time_hi",
-    "paired_this_over_causal_fwd_time", "paired_this_over_causal_fwd_time_lo",
-    "paired_this_over_causal_fwd_time_hi", "notes",
-]
-
-
-def render_csv(rows: list[Row], bench: Bench, header: list[str]) -> str:
-  out = io.StringIO()
-  for line in header:
-    out.write("# " + line.lstrip("- ") + "\n")
-  w = csv.writer(out)
-  w.writerow(CSV_FIELDS)
-  for r in rows:
-    rat = r.ratios
-    vals = [r.mask, r.kind, r.T, r.impl, r.family]
-    for p in (r.fwd, r.bwd):
-      vals += [p.status, p.ms, p.repeats or None, p.compile_s, p.first_s, p.temp_mib, p.rss_mib,
-               p.err]
-    vals += [r.err_vs, bench.base_label, rat.get("fwd_time"), rat.get("fwdbwd_time"),
-             rat.get("fwd_temp"), rat.get("fwdbwd_temp"), rat.get("vs_causal_fwd"),
-             rat.get("vs_causal_fwdbwd"), rat.get("density_vs_causal"), r.flops,
-             r.tflops.get("fwd"), r.tflops.get("fwdbwd"), rat.get("vs_best_peer_fwd"),
-             rat.get("vs_best_peer_fwdbwd")]
-    for field in ("fwd_time_paired", "fwdbwd_time_paired", "vs_causal_fwd_paired"):
-      pr = rat.get(field)
-      vals += [pr.median, pr.lo, pr.hi] if pr is not None else [None] * 3
-    vals.append("; ".join(r.notes))
-    w.writerow(["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in vals])
-  return out.getvalue()
 
 
 def main(argv=None) -> dict:
@@ -1352,7 +563,7 @@ def main(argv=None) -> dict:
   args = parse_args(argv)
   t_start = time.perf_counter()
   bench = Bench(args)
-  header = machine_lines(args)
+  header = machine_lines(args, calls_per_sample(args))
   result = {}
 
   def write():

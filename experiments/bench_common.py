@@ -1,4 +1,5 @@
-"""Helpers shared by the experiment scripts: argparse ``type=`` validators and machine facts.
+"""Helpers shared by the experiment scripts: argparse ``type=`` validators, machine facts
+(CPU, memory, versions, git revision), process memory counters and one-line error text.
 
 Importing this module imports neither jax nor torch (``bench_context_parallel.py`` parses its
 arguments before jax starts).
@@ -13,8 +14,10 @@ integer >= 1, got 0``) instead of a traceback from deep inside a run::
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
+import subprocess
 
 
 def int_at_least(minimum: int):
@@ -55,6 +58,9 @@ nonnegative_float = float_at_least(0.0)
 
 
 # ------------------------------------------------------------------------------ machine facts
+MIB = 1024.0 * 1024.0
+
+
 def cores() -> int:
   """CPU cores this process may run on (its affinity), the count XLA:CPU uses."""
   try:
@@ -93,3 +99,65 @@ def machine_summary() -> str:
   """One line naming the machine: CPU model, usable cores, load average."""
   return (f"CPU {cpu_model()}, {cores()} cores usable (os.cpu_count()={os.cpu_count()}), "
           f"load average {load_average()}")
+
+
+def meminfo_kib(field: str) -> float:
+  """A /proc/meminfo field in KiB (``MemTotal``, ``MemAvailable``); 8 GiB when unreadable."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return float(line.split()[1])
+  except OSError:
+    pass
+  return 8 * 1024 * 1024.0
+
+
+def dist_version(dist_name: str) -> str | None:
+  """Installed version of a distribution, without importing it (torch imports slowly)."""
+  try:
+    return importlib.metadata.version(dist_name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def git_rev() -> str:
+  """The checkout's short HEAD commit, ``+dirty`` with uncommitted changes to tracked files."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                         text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return (rev + ("+dirty" if dirty else "")) or "?"
+  except Exception:  # noqa: BLE001
+    return "?"
+
+
+# ---------------------------------------------------------------------------- process memory
+def rss_reset() -> int | None:
+  """Reset the peak-RSS counter (Linux clear_refs) and return the current RSS in bytes."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return status_bytes("VmRSS")
+  except OSError:
+    return None
+
+
+def status_bytes(field: str) -> int | None:
+  """A /proc/self/status field (``VmRSS``, ``VmHWM``) in bytes, or None."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
+def short_error(e: BaseException, n=160) -> str:
+  """``Type: message`` on one line, cut to ``n`` characters of message."""
+  msg = " ".join(str(e).split())
+  return f"{type(e).__name__}: {msg[:n]}{'...' if len(msg) > n else ''}"

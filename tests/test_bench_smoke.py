@@ -92,12 +92,13 @@ def test_bench_table(tmp_path):
 def test_paired_ratios_and_back_to_back_mode():
   """Paired ratios use only the rounds both timings have; --no-interleave times per case."""
   bench = _load_bench()
+  report = sys.modules["bench_report"]
   a, b = bench.PassResult(status="ok"), bench.PassResult(status="ok")
   a.round_s, b.round_s = {0: 2.0, 1: 3.0, 2: 8.0}, {0: 1.0, 1: 1.0, 3: 5.0}
-  pr = bench._paired(a, b)
+  pr = report._paired(a, b)
   assert (pr.median, pr.lo, pr.hi, pr.n) == (2.5, 2.0, 3.0, 2)
   b.status = "error: x"
-  assert bench._paired(a, b) is None
+  assert report._paired(a, b) is None
   res = bench.main(TINY + ["--masks", "causal", "--no-backward", "--impl", "chunked",
                            "--peers", "jax_nn", "--ref-max-t", "0", "--no-interleave"])
   for r in res["rows"]:
@@ -243,12 +244,13 @@ def test_header_describes_each_chunked_impl():
   """The header says how every chunked impl of --impl computes each mask (it described the
   default backend even for chunked:BQxBK)."""
   bench = _load_bench()
+  peers = sys.modules["bench_peers"]
   args = bench.parse_args(["--lengths", "4096", "--masks", "causal", "sliding",
                            "--impl", "chunked", "chunked:64x128", "xla"])
-  text = bench._chunked_plans(args)
+  text = peers.chunked_plans(args)
   assert text.startswith("chunked (causal: tiles 512x512; sliding(511,0): band: 128 query rows")
   assert "; chunked:64x128 (causal: tiles 64x128; sliding(511,0): tiles 64x128)" in text
-  assert bench._chunked_plans(bench.parse_args(["--impl", "xla"])) == "not measured"
+  assert peers.chunked_plans(bench.parse_args(["--impl", "xla"])) == "not measured"
 
 
 def test_sliding_floor_runs():
