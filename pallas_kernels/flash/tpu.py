@@ -53,9 +53,8 @@ float. ``interpret``: None = the TPU interpreter (``pltpu.InterpretParams()``, w
 uninitialized memory) off TPU and Mosaic on TPU; True = Pallas' generic interpreter (fast; most
 CPU tests); False = Mosaic (lowering for another platform raises a ``ValueError`` naming
 ``interpret``; cross-lowering for TPU with ``jax.export`` works); or an ``InterpretParams``;
-anything else raises. The tables of a call are held in SMEM for the whole call
-(``Bt * Ht * n_rows * (2K + 1)`` int32 words): a call whose tables exceed
-:data:`.smem.SMEM_TABLE_BUDGET` is split into several pallas_calls (see :mod:`.smem`).
+anything else raises. A call's tables stay in SMEM (``Bt * Ht * n_rows * (2K + 1)`` int32
+words); past :data:`.smem.SMEM_TABLE_BUDGET` one kernel runs equal parts in a loop (:mod:`.smem`).
 """
 
 from __future__ import annotations
@@ -111,7 +110,7 @@ class _Cfg:
   interpret: Any    # None (Mosaic), True (generic interpreter) or a pltpu.InterpretParams
   debug_counts: bool = False
   smem_budget: int = 0   # bytes of scalar-prefetched tables one pallas_call may hold
-  part: Any = None       # the smem.Part of one pallas_call (set by _call)
+  part: Any = None       # the smem.Plan of the kernel's parts (set by _call)
 
   G = property(lambda self: self.Hq // self.Hkv)
   nq = property(lambda self: self.Tq // self.bq)
@@ -285,31 +284,31 @@ def _prepare(q, k, v, *, fwd_tables, dkv_tables, q_pos, kv_pos, kv_len, scale, m
 # --------------------------------------------------------------------------------- grid context
 def _ctx(cfg, idx, tables, dkv):
   """Scalars of one grid step. Forward/dQ grid: (b, hkv, g, i, slot); dKV: (b, hkv, j, g, slot),
-  local to the call's smem.Part. ``b, h, hkv, r, qi, kj`` are global (inputs, mask_fn, score_fn);
-  ``bl, hl, hkvl, rl`` are the call's own (its outputs and table rows)."""
-  part = cfg.part
+  local to a part of the smem.Plan. ``b, h, hkv, r, qi, kj`` are global, clamped into range
+  (inputs, mask_fn, score_fn); ``bo, ho, hkvo, ro`` index the (padded) outputs."""
+  p = cfg.part
   if dkv:
     bl, hkvl, rl, g, s = idx
   else:
     bl, hkvl, g, rl, s = idx
   K = (cfg.dkv_geom if dkv else cfg.fwd_geom)[2]
-  blocks, counts, full = tables
+  blocks, counts, full = tables[:3]
   hl = hkvl * cfg.G + g
-  row = ((bl if part.Bt > 1 else 0) * part.Ht + (hl if part.Ht > 1 else 0)) * part.nr + rl
-  b, hkv, r = bl + part.b0, hkvl + part.h0, rl + part.r0
+  row = ((bl if p.Bt > 1 else 0) * p.Ht + (hl if p.Ht > 1 else 0)) * p.nr + rl
+  (bo, hkvo, ro), (b, hkv, r) = smem.step_indices(p, (bl, hkvl, rl), tables[3:])
   h = hkv * cfg.G + g
   cnt = counts[row]
   at = row * K + jnp.minimum(s, jnp.maximum(cnt - 1, 0))  # clamp: padded slots repeat the last
   col = blocks[at]
   qi, kj = (col, r) if dkv else (r, col)
   return types.SimpleNamespace(b=b, h=h, hkv=hkv, g=g, r=r, s=s, K=K, cnt=cnt, full=full[at],
-                               qi=qi, kj=kj, bp=b if cfg.Bp > 1 else 0, bl=bl, hl=hl,
-                               hkvl=hkvl, rl=rl)
+                               qi=qi, kj=kj, bp=b if cfg.Bp > 1 else 0, bo=bo,
+                               ho=hkvo * cfg.G + g, hkvo=hkvo, ro=ro)
 
 
 def _spec(cfg, dkv, block, fn):
-  """A BlockSpec whose index map is ``fn(ctx)`` (grid indices then the 3 prefetched tables)."""
-  return pl.BlockSpec(block, lambda *a: fn(_ctx(cfg, a[:5], a[5:8], dkv)))
+  """A BlockSpec whose index map is ``fn(ctx)`` (grid indices then the prefetched operands)."""
+  return pl.BlockSpec(block, lambda *a: fn(_ctx(cfg, a[:5], a[5:8 + cfg.part.split], dkv)))
 
 
 def _in_specs(cfg, dkv, extra):
@@ -337,11 +336,12 @@ def _in_specs(cfg, dkv, extra):
 
 def _unpack(cfg, args, extra_in, outs):
   it = iter(args)
-  r = types.SimpleNamespace(tables=tuple(next(it) for _ in range(3)))
+  r = types.SimpleNamespace(tables=tuple(next(it) for _ in range(3 + cfg.part.split)))
   for name in ("q", "k", "v", "qpos", "kvpos") + (("qseg", "kvseg") if cfg.has_seg else ()):
     setattr(r, name, next(it))
   r.params = [next(it) for _ in cfg.pmeta]
-  for name in tuple(extra_in) + tuple(outs) + (("cnt",) if cfg.debug_counts else ()):
+  outs = tuple(outs) + (("cnt",) if cfg.debug_counts else ())  # after the aliased buffers if any
+  for name in tuple(extra_in) + ("_",) * (len(outs) * cfg.part.split) + outs:
     setattr(r, name, next(it))
   r.scratch = list(it)
   return r
@@ -468,47 +468,47 @@ def _sem(dkv):
 
 
 class _Out(NamedTuple):
-  """A kernel output ``[B, H (q or kv heads), ...]``: its block, index map on the call's local
-  indices, dtype, global shape and row axis (``row_unit`` elements per table row)."""
+  """A kernel output ``[B, H (q or kv heads), ...]``: its block, index map (on ``bo, ho|hkvo,
+  ro``), dtype, global shape and row axis (``row_unit`` elements per table row)."""
   block: tuple; fn: Callable; dtype: Any; shape: tuple; row_axis: int; row_unit: int  # noqa
   kv_heads: bool = False
 
 
 def _call(cfg, kernel, dkv, extra, outs, scratch, tables, inputs):
-  """Run ``kernel`` over the grid, one pallas_call per :func:`.smem.plan` part; returns the
-  outputs (whole)."""
+  """Run ``kernel`` over the grid: one pallas_call, looped over :func:`.smem.plan`'s parts by
+  :func:`.smem.run`; returns the outputs (whole)."""
   K = (cfg.dkv_geom if dkv else cfg.fwd_geom)[2]
   n_rows = cfg.nk if dkv else cfg.nq
   outs = list(outs)
   if cfg.debug_counts:
-    outs.append(_Out((None, None, None, 1, _LANES), lambda c: (c.bl, c.hl, c.rl, 0, 0),
+    outs.append(_Out((None, None, None, 1, _LANES), lambda c: (c.bo, c.ho, c.ro, 0, 0),
                      jnp.int32, (cfg.B, cfg.Hq, n_rows, 1, _LANES), 2, 1))
-  results = {}
-  parts = smem.plan(cfg.dkv_geom if dkv else cfg.fwd_geom, cfg.B, cfg.Hkv, cfg.G, n_rows,
-                    cfg.smem_budget)
-  for part in parts:
-    pc = dataclasses.replace(cfg, part=part)
-    grid = (part.nb, part.nh, part.nr, cfg.G, K) if dkv else (part.nb, part.nh, cfg.G, part.nr, K)
-    shapes = []
-    for o in outs:
-      shp = list(o.shape)
-      shp[0], shp[1] = part.nb, part.nh if o.kv_heads else part.nh * cfg.G
-      shp[o.row_axis] = part.nr * o.row_unit
-      shapes.append(jax.ShapeDtypeStruct(tuple(shp), o.dtype))
-    tabs = smem.part_tables(tables, part, cfg.G)
+  plan = smem.plan(cfg.dkv_geom if dkv else cfg.fwd_geom, cfg.B, cfg.Hkv, cfg.G, n_rows,
+                   cfg.smem_budget)
+  pc = dataclasses.replace(cfg, part=plan)
+  grid = (plan.nb, plan.nh, plan.nr, cfg.G, K) if dkv else (plan.nb, plan.nh, cfg.G, plan.nr, K)
+  shapes = tuple(jax.ShapeDtypeStruct(plan.padded_shape(o.shape, o.row_axis, o.row_unit,
+                                                        o.kv_heads), o.dtype) for o in outs)
+  in_specs = _in_specs(pc, dkv, extra)
+  def call(tabs, offsets, bufs):
     if cfg.interpret is None:   # compiled: lowering anywhere but on a TPU raises, clearly
       tabs = (platform_lib.require_platform(tabs[0], "tpu", "the TPU flash kernel"),) + tabs[1:]
-    results[part[0], part[2], part[4]] = pl.pallas_call(
+    pre, bufs = tabs + ((offsets,) if bufs else ()), tuple(bufs or ())  # bufs: updated in place
+    return pl.pallas_call(
         functools.partial(kernel, pc),
-        out_shape=tuple(shapes),
+        out_shape=shapes,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=grid, in_specs=_in_specs(pc, dkv, extra),
+            num_scalar_prefetch=len(pre), grid=grid,
+            in_specs=in_specs + [pl.BlockSpec(memory_space=pl.ANY)] * len(bufs),
             out_specs=[_spec(pc, dkv, o.block, o.fn) for o in outs], scratch_shapes=scratch),
+        input_output_aliases={len(pre) + len(inputs) + i: i for i in range(len(bufs))},
         compiler_params=_sem(dkv),
         interpret=False if cfg.interpret is None else cfg.interpret,
         name="flash_bwd_dkv" if dkv else kernel.__name__.strip("_"),
-    )(*tabs, *inputs)
-  return smem.concat(results, [o.row_axis for o in outs])
+    )(*pre, *inputs, *bufs)
+
+  return smem.run(plan, tables, call,
+                  [(o.shape, o.dtype, o.row_axis, o.row_unit, o.kv_heads) for o in outs])
 
 
 def _row_spec(cfg):
@@ -521,9 +521,9 @@ def _forward(cfg, arrays, q, k, v, sinks):
   if cfg.has_sinks:
     extra.append((None, None))
     inputs.append(jnp.asarray(sinks, _F32))
-  outs = [_Out((None, None, cfg.bq, cfg.Dv), lambda c: (c.bl, c.hl, c.rl, 0), q.dtype,
+  outs = [_Out((None, None, cfg.bq, cfg.Dv), lambda c: (c.bo, c.ho, c.ro, 0), q.dtype,
                (cfg.B, cfg.Hq, cfg.Tq, cfg.Dv), 2, cfg.bq),
-          _Out((None, None, 1, cfg.bq), lambda c: (c.bl, c.hl, 0, c.rl), _F32,
+          _Out((None, None, 1, cfg.bq), lambda c: (c.bo, c.ho, 0, c.ro), _F32,
                (cfg.B, cfg.Hq, 1, cfg.Tq), 3, cfg.bq)]
   scratch = [pltpu.VMEM((cfg.bq, _LANES), _F32), pltpu.VMEM((cfg.bq, _LANES), _F32),
              pltpu.VMEM((cfg.bq, cfg.Dv), _F32)]
@@ -601,10 +601,10 @@ def _backward(cfg, arrays, q, k, v, lse, do, delta):
            _row_spec(cfg)]
 
   res_q = _call(cfg, _dq_kernel, False, extra,
-                [_Out((None, None, cfg.bq, cfg.D), lambda c: (c.bl, c.hl, c.rl, 0), q.dtype,
+                [_Out((None, None, cfg.bq, cfg.D), lambda c: (c.bo, c.ho, c.ro, 0), q.dtype,
                       q.shape, 2, cfg.bq)],
                 [pltpu.VMEM((cfg.bq, cfg.D), _F32)], fwd, inputs)
-  kv_out = lambda d, x: _Out((None, None, cfg.bk, d), lambda c: (c.bl, c.hkvl, c.rl, 0),
+  kv_out = lambda d, x: _Out((None, None, cfg.bk, d), lambda c: (c.bo, c.hkvo, c.ro, 0),
                              x.dtype, x.shape, 2, cfg.bk, kv_heads=True)
   res_kv = _call(cfg, _dkv_kernel, True, extra, [kv_out(cfg.D, k), kv_out(cfg.Dv, v)],
                  [pltpu.VMEM((cfg.bk, cfg.D), _F32), pltpu.VMEM((cfg.bk, cfg.Dv), _F32)],

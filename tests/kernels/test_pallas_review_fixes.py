@@ -334,23 +334,30 @@ def test_backend_flag_arguments(kw, match):
 def test_plan_keeps_tables_under_budget():
   """The review's case (B=16, T=8192, 128 x 128 tiles, causal, per-example tables: ~530 KB of
   tables) is split over groups of examples, each under the budget; per-head tables of a long
-  sequence are split over kv heads and then rows; every part tiles the grid exactly once."""
+  sequence are split over kv heads and then rows; the parts are equal (balanced: 6+6+6 over 16
+  examples, not 7+7+2) and tile the grid exactly once (the last may reach into padding)."""
   cases = [((16, 1, 64), 16, 8, 1, 64, smem.SMEM_TABLE_BUDGET),      # (geom, B, Hkv, G, rows, .)
            ((1, 4, 1024), 2, 2, 2, 1024, smem.SMEM_TABLE_BUDGET),
            ((3, 4, 3), 3, 2, 2, 5, 100)]
   for geom, B, Hkv, G, n_rows, budget in cases:
     assert smem.table_bytes(geom, G, B, Hkv, n_rows) > budget
-    parts = smem.plan(geom, B, Hkv, G, n_rows, budget)
+    p_ = smem.plan(geom, B, Hkv, G, n_rows, budget)
+    parts = p_.parts
+    assert len(parts) == p_.n and p_.pb * p_.nb - B < p_.nb and p_.pr * p_.nr - n_rows < p_.nr
     covered = np.zeros((B, Hkv, n_rows), int)
     for p in parts:
       covered[p.b0:p.b0 + p.nb, p.h0:p.h0 + p.nh, p.r0:p.r0 + p.nr] += 1
       assert smem.table_bytes(geom, G, p.nb, p.nh, p.nr) <= budget
     assert np.all(covered == 1)
-  assert [p.nb for p in smem.plan((16, 1, 64), 16, 8, 1, 64, 256 * 1024)] == [7, 7, 2]
+  assert [p.b0 for p in smem.plan((16, 1, 64), 16, 8, 1, 64, 256 * 1024).parts] == [0, 6, 12]
+  assert {p.nb for p in smem.plan((16, 1, 64), 16, 8, 1, 64, 256 * 1024).parts} == {6}
 
 
 def _pallas_calls(f, *args):
-  return str(jax.make_jaxpr(f)(*args)).count("pallas_call")
+  """(pallas_call equations, loops) in the jaxpr of ``f``: a split runs one pallas_call in a
+  loop over its parts."""
+  text = str(jax.make_jaxpr(f)(*args))
+  return text.count("pallas_call"), text.count("scan[") + text.count("while[")
 
 
 def test_split_calls_give_identical_numbers(monkeypatch):
@@ -379,7 +386,7 @@ def test_split_calls_give_identical_numbers(monkeypatch):
   for budget, n_fwd in ((default, 1), (700, 2), (1, B * Hkv * 3)):
     monkeypatch.setattr(smem, "SMEM_TABLE_BUDGET", budget)
     fwd_only = lambda *a: attn(*a)[0]
-    assert _pallas_calls(fwd_only, *args) == n_fwd, budget
+    assert _pallas_calls(fwd_only, *args) == (1, int(n_fwd > 1)), budget
     runs[budget] = jax.tree.map(np.asarray, jit_run(g, *args))
   base = runs[default]
   for budget, got in runs.items():
@@ -426,7 +433,7 @@ def test_split_standalone_kernel_runtime_tables_nan_init(monkeypatch):
   runs = []
   for budget, n_calls in ((smem.SMEM_TABLE_BUDGET, 1), (1, B * Hkv * nq)):
     monkeypatch.setattr(smem, "SMEM_TABLE_BUDGET", budget)
-    assert _pallas_calls(lambda *a: attn(*a)[0], q, k, v) == n_calls
+    assert _pallas_calls(lambda *a: attn(*a)[0], q, k, v) == (1, int(n_calls > 1))
     runs.append(jax.tree.map(np.asarray, jit_run(g, q, k, v)))
   jax.tree.map(np.testing.assert_array_equal, runs[1], runs[0])
   bm = np.asarray(common.block_map_from_lists(kvb, kvc, nq)) != 0
@@ -491,3 +498,128 @@ def test_platform_check_under_disable_jit_and_across_accelerators():
                                        r"for tpu"):
     jax.jit(lambda x: plat.require_platform(x, "gpu", "k")).trace(x).lower(
         lowering_platforms=("tpu",))
+
+
+# ------------------------------------------- 8b. SMEM split: equal parts, one compiled kernel
+def _split_case(rng, B, Hq, Hkv, Tq, Tk, kv_len, bs, runtime_tables):
+  """Standalone-kernel inputs (head-major) exercising everything a part must get right: GQA,
+  Tq != Tk, kv_len < Tk, per-example positions, segment ids, sinks (one -inf), a per-example
+  per-head bias param and a score_fn that uses the global example/head indices; plus the
+  float64 visibility and bias."""
+  nq, nk = Tq // bs, Tk // bs
+  q, k, v = rand(rng, B, Hq, Tq, 8), rand(rng, B, Hkv, Tk, 8), rand(rng, B, Hkv, Tk, 8)
+  sinks = rand(rng, Hq).at[1].set(-jnp.inf)
+  shift = rng.integers(-3, 4, (B, 1))
+  q_pos = (np.arange(Tq)[None] + (Tk - Tq) + shift).astype(np.int32)
+  kv_pos = np.broadcast_to(np.arange(Tk, dtype=np.int32), (B, Tk)).copy()
+  qseg = np.sort(rng.integers(0, 2, (B, Tq)), axis=1).astype(np.int32)
+  kseg = np.sort(rng.integers(0, 2, (B, Tk)), axis=1).astype(np.int32)
+  bias = rand(rng, B, Hq, Tq, Tk) * 0.5
+  if runtime_tables:
+    kvb = rng.integers(0, nk, (B, Hq, nq, 3)).astype(np.int32)
+    kvc = rng.integers(0, 4, (B, Hq, nq)).astype(np.int32)
+    fwd_t, dkv_t = common.tables_from_lists(jnp.asarray(kvb), jnp.asarray(kvc), nk)
+    bm = np.asarray(common.block_map_from_lists(kvb, kvc, nk)) != 0
+  else:
+    bm = np.asarray(M.causal().block_map(Tq, Tk, bs, bs)).reshape(1, 1, nq, nk)
+    bm = np.minimum(bm, 1)   # PARTIAL only: the per-example shifted positions break FULL blocks
+    fwd_t, dkv_t = common.tables_from_block_map(bm)
+    bm = bm != 0
+  vis = np.repeat(np.repeat(bm, bs, -2), bs, -1)
+  vis = vis & (kv_pos[:, None, None, :] <= q_pos[:, None, :, None])
+  vis = vis & (np.arange(Tk) < kv_len) & (qseg[:, None, :, None] == kseg[:, None, None, :])
+  hb = np.arange(B)[:, None, None, None] * 0.1 - np.arange(Hq)[None, :, None, None] * 0.05
+  kw = dict(fwd_tables=fwd_t, dkv_tables=dkv_t, q_pos=q_pos, kv_pos=kv_pos, kv_len=kv_len,
+            scale=0.35, mask_fn=lambda qp, kp, h: kp <= qp, q_segment_ids=qseg,
+            kv_segment_ids=kseg, score_params=(bias,),
+            score_param_specs=(common.ParamSpec(0, 1, 2, 3),),
+            score_fn=lambda t, s, b, h, qp, kp: s + t[0][0, 0] + 0.1 * b - 0.05 * h,
+            block_q=bs, block_kv=bs)
+  return (q, k, v, sinks), kw, vis, np.asarray(bias) + hb
+
+
+@pytest.mark.parametrize("case", [
+    # (B, Hq, Hkv, Tq, Tk, kv_len, runtime tables, budgets): per-example per-head tables split
+    # over examples (5 = 3 + 3 - 1 padded), kv heads (3 = 2 + 2 - 1) and rows; broadcast
+    # tables (MQA, Tq > Tk) split over rows only (3 + 3 + 3 - 1 ...).
+    (5, 6, 3, 24, 40, 35, True, (2000, 600, 250, 1)),
+    (3, 4, 1, 40, 24, 21, False, (60, 1)),
+])
+def test_split_uneven_parts_one_kernel_identical_numbers(monkeypatch, case):
+  """Equal, padded parts: the split call has one pallas_call per kernel (in a loop), and out,
+  LSE, dq, dk, dv and dsinks equal the unsplit call bit for bit and float64, for uneven
+  example / kv-head / row splits, GQA, Tq != Tk and kv_len < Tk."""
+  B, Hq, Hkv, Tq, Tk, kv_len, runtime, budgets = case
+  rng = np.random.default_rng(21)
+  args, kw, vis, bias = _split_case(rng, B, Hq, Hkv, Tq, Tk, kv_len, 8, runtime)
+  cot, cot_lse = rand(rng, B, Hq, Tq, 8), rand(rng, B, Hq, Tq)
+  attn = lambda q, k, v, s: ftpu.flash_attention(q, k, v, sinks=s, interpret=True, **kw)
+  g = jax.grad(loss(attn, cot, cot_lse), argnums=(0, 1, 2, 3), has_aux=True)
+  runs, pads = [], set()
+  for budget in (smem.SMEM_TABLE_BUDGET,) + budgets:
+    monkeypatch.setattr(smem, "SMEM_TABLE_BUDGET", budget)
+    plans = [smem.plan(t.blocks.shape[:2] + t.blocks.shape[3:], B, Hkv, Hq // Hkv, rows,
+                       budget) for t, rows in ((kw["fwd_tables"], Tq // 8),
+                                               (kw["dkv_tables"], Tk // 8))]
+    pads |= {n for p in plans for n in ("pad_b", "pad_h", "pad_r") if getattr(p, n)}
+    assert _pallas_calls(lambda *a: attn(*a)[0], *args) == (1, int(plans[0].n > 1)), budget
+    runs.append(jax.tree.map(np.asarray, jit_run(g, *args)))
+  assert pads == ({"pad_b", "pad_h", "pad_r"} if runtime else {"pad_r"})
+  for got in runs[1:]:
+    jax.tree.map(np.testing.assert_array_equal, got, runs[0])
+  want = grads_f64(lambda q, k, v, s: reference(q, k, v, vis, s, 0.35, bias), args, cot,
+                   cot_lse)
+  grads, (out, lse) = runs[-1]
+  assert_matches((out, lse, grads), want)
+
+
+def test_split_uneven_parts_nan_interpreter(monkeypatch):
+  """Under the TPU interpreter with NaN-filled memory, padded parts (examples, kv heads, rows)
+  leave no output unwritten and give the generic interpreter's numbers bit for bit."""
+  from jax.experimental.pallas import tpu as pltpu
+  rng = np.random.default_rng(22)
+  B, Hq, Hkv, Tq, Tk = 3, 4, 2, 24, 16
+  args, kw, _, _ = _split_case(rng, B, Hq, Hkv, Tq, Tk, 13, 8, True)
+  cot, cot_lse = rand(rng, B, Hq, Tq, 8), rand(rng, B, Hq, Tq)
+  pads = set()
+  for budget in (100, 500):   # rows padded in the forward / dQ, examples in dK/dV
+    monkeypatch.setattr(smem, "SMEM_TABLE_BUDGET", budget)
+    for t, rows in ((kw["fwd_tables"], Tq // 8), (kw["dkv_tables"], Tk // 8)):
+      p = smem.plan(t.blocks.shape[:2] + t.blocks.shape[3:], B, Hkv, Hq // Hkv, rows, budget)
+      assert p.n > 1
+      pads |= {n for n in ("pad_b", "pad_h", "pad_r") if getattr(p, n)}
+    runs = []
+    for interp in (True, pltpu.InterpretParams(uninitialized_memory="nan")):
+      attn = lambda q, k, v, s, i=interp: ftpu.flash_attention(q, k, v, sinks=s, interpret=i,
+                                                               **kw)
+      g = jax.grad(loss(attn, cot, cot_lse), argnums=(0, 1, 2, 3), has_aux=True)
+      runs.append(jax.tree.map(np.asarray, jit_run(g, *args)))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(runs[1][0]))
+    jax.tree.map(np.testing.assert_array_equal, runs[1], runs[0])
+  assert pads == {"pad_b", "pad_r"}
+
+
+def test_split_lowers_to_one_mosaic_kernel_per_pass(monkeypatch):
+  """A many-part split (per-example per-head run-time tables over examples, kv heads and rows)
+  cross-lowers for TPU with exactly one Mosaic custom call per pass (forward, dQ, dK/dV)."""
+  B, Hq, Hkv, T, D = 3, 4, 2, 512, 128
+  nb = T // 128
+  kvb = jnp.asarray(np.random.default_rng(23).integers(0, nb, (B, Hq, nb, 2)), jnp.int32)
+  kvc = jnp.full((B, Hq, nb), 2, jnp.int32)
+  pos = np.arange(T, dtype=np.int32)[None]
+
+  def f(q, k, v, sinks):
+    fwd_t, dkv_t = common.tables_from_lists(kvb, kvc, nb)
+    o, l = ftpu.flash_attention(q, k, v, fwd_tables=fwd_t, dkv_tables=dkv_t, q_pos=pos,
+                                kv_pos=pos, kv_len=T - 5, scale=0.1, sinks=sinks,
+                                mask_fn=lambda qp, kp, h: kp <= qp, interpret=False)
+    return o.astype(jnp.float32).sum() + l.sum()
+
+  sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  args = (sds(B, Hq, T, D), sds(B, Hkv, T, D), sds(B, Hkv, T, D),
+          jax.ShapeDtypeStruct((Hq,), jnp.float32))
+  monkeypatch.setattr(smem, "SMEM_TABLE_BUDGET", 1)
+  assert smem.plan((B, Hq, 2), B, Hkv, Hq // Hkv, nb, 1).n == B * Hkv * nb
+  text = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3))).trace(*args).lower(
+      lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 3
