@@ -415,7 +415,7 @@ def shard_heads_like(x, kernel, kernel_head_axis: int):
                                                             jax.sharding.PartitionSpec(*want)))
 
 
-def shard_cache_batch(cache, batch_axis):
+def shard_cache_batch(cache, batch_axis, *, strict: bool = True):
   """``cache`` (any cache dataclass of arrays with the batch on axis 0) with its batch axis split
   over the mesh axis or axes ``batch_axis`` (a name, a tuple of names, or ``None`` = leave the
   cache as it is), the other axes keeping their sharding. Decoding a batch that is sharded over
@@ -425,7 +425,9 @@ def shard_cache_batch(cache, batch_axis):
   Needs an active mesh (``jax.set_mesh``); eager or under ``jax.jit``, explicit or auto axes
   (``jax.device_put`` to the spec). ``ValueError`` for an unknown axis name, an axis that also
   shards another axis of the cache (e.g. ``"tensor"`` when heads are split over it), or a batch
-  size the axes do not divide."""
+  size the axes do not divide. ``strict=False`` (what :func:`attnjax.models.generate` uses to
+  follow a prompt's sharding) leaves an array's batch axis as it is instead of raising when the
+  axis is taken by another of its axes or does not divide the batch."""
   if batch_axis is None:
     return cache
   names = (batch_axis,) if isinstance(batch_axis, str) else batch_axis
@@ -447,6 +449,8 @@ def shard_cache_batch(cache, batch_axis):
   leaves = jax.tree.leaves(cache)
   batch = leaves[0].shape[0]
   if batch % split:
+    if not strict:
+      return cache
     raise ValueError(f"batch_axis={batch_axis!r} splits the batch {split} ways, which does not "
                      f"divide the cache's batch size {batch}")
   entry = names[0] if len(names) == 1 else names
@@ -455,6 +459,8 @@ def shard_cache_batch(cache, batch_axis):
     spec = list(explicit_spec(x) or (None,) * x.ndim)
     used = {a for e in spec[1:] for a in _mesh_axes_of(e)}
     if used & set(names):
+      if not strict:
+        return x
       raise ValueError(f"batch_axis={batch_axis!r} is already used by another axis of the "
                        f"cache (spec {tuple(spec)}); pick the axis the batch is split over")
     spec[0] = entry

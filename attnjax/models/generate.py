@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from attnjax.backends.base import explicit_spec
+from attnjax.layers import common
 
 
 def sample_logits(logits, key, temperature: float, top_k: int | None):
@@ -54,10 +55,11 @@ def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature, top_
       return jax.lax.dynamic_update_index_in_dim(buf, nxt, t, axis=1)
     return jax.lax.fori_loop(0, max_new_tokens, body, buf)
 
-  # a batch-sharded prompt (explicit mesh) gets a cache split the same way over its batch axis
-  batch_axis = None if spec is None else spec[0]
-  cache = (model.init_cache(B, total) if batch_axis is None
-           else model.init_cache(B, total, batch_axis=batch_axis))
+  # a batch-sharded prompt (explicit mesh) gets caches split the same way over their batch axis
+  # (where the mesh axis is free in them: a prompt split over "tensor" leaves head-split caches)
+  cache = model.init_cache(B, total)
+  if spec is not None and spec[0] is not None:
+    cache = common.shard_cache_batch(cache, spec[0], strict=False)
   logits, cache = model.decode(prompt, cache)                  # prefill
   nxt = sample(logits[:, -1], 0)
   buf = buf.at[:, T0].set(nxt)

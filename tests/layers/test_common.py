@@ -180,3 +180,22 @@ def test_shard_cache_batch_splits_the_batch_and_rejects_what_it_cannot_split():
     heads = jax.sharding.reshard(cache.k, P(None, None, "tensor"))
     with pytest.raises(ValueError, match="already used by another axis"):
       common.shard_cache_batch(heads, "tensor")
+
+
+def test_shard_cache_batch_not_strict_leaves_what_it_cannot_split():
+  """``strict=False`` (generate following a prompt's sharding): an axis already used by the heads,
+  or one that does not divide the batch, leaves the batch axis as it is instead of raising."""
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 devices (tests/conftest.py simulates 8)")
+  P = jax.sharding.PartitionSpec
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    cache = common.KVCache.create(4, 6, 2, 8)
+    cache = common.KVCache(jax.sharding.reshard(cache.k, P(None, None, "tensor")),
+                           cache.v, cache.pos, cache.length)
+    out = common.shard_cache_batch(cache, "tensor", strict=False)
+    assert tuple(out.k.sharding.spec)[:3] == (None, None, "tensor")   # heads keep "tensor"
+    assert out.v.sharding.spec[0] == "tensor"                        # free there: split
+    odd = common.KVCache.create(3, 6, 2, 8)
+    assert common.shard_cache_batch(odd, "data", strict=False) is odd
